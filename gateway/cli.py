@@ -1,0 +1,216 @@
+"""`iapo`: serve, demo, replay, policy and key commands (thin code over the library)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+
+import gateway  # noqa: F401  (sets LITELLM_LOCAL_MODEL_COST_MAP)
+
+
+def app_from_env():
+    """uvicorn factory for `iapo serve` with several workers: config from IAPO_CONFIG."""
+    from gateway.app import create_app
+    from gateway.config import load_config
+
+    return create_app(load_config())
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from gateway.config import ConfigError, load_config
+
+    if args.config:
+        os.environ["IAPO_CONFIG"] = os.path.abspath(args.config)
+    try:
+        load_config()  # fail fast with a message naming the field
+    except ConfigError as exc:
+        print(f"iapo: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run("gateway.cli:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
+                log_level=args.log_level, access_log=False)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import uvicorn
+    import yaml
+
+    from gateway.app import create_app
+    from gateway.config import load_config
+    from gateway.demo import DEMO_KEYS, demo_config
+    from gateway.replay import create_replay_app, problem_text
+    from gateway.servers import ServerThread
+    from policies.environments import synthetic_bon, synthetic_mv
+
+    mv, bon = synthetic_mv(seed=args.seed), synthetic_bon(seed=args.seed)
+    replay = ServerThread(create_replay_app({"replay-mv": mv, "replay-bon": bon}, seed=args.seed),
+                          port=args.upstream_port).start()
+    config = demo_config(replay.url, args.db, mv, bon)
+    path = os.path.join(tempfile.mkdtemp(prefix="iapo-demo-"), "demo.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    settings = load_config(path)
+    base = f"http://{args.host}:{args.port}"
+    body = json.dumps({"model": "math", "messages": [{"role": "user", "content": problem_text(7)}]})
+    print(f"""
+iapo demo: replay upstream at {replay.url}, gateway at {base}/v1 (config {path}, store {args.db})
+routes: math (majority vote), assist (best-of-N); tiers low / mid / high (keys {', '.join(DEMO_KEYS.values())})
+
+  curl -s {base}/v1/chat/completions -H 'authorization: Bearer {DEMO_KEYS['high']}' \\
+       -H 'content-type: application/json' -d '{body}'
+
+metrics: {base}/metrics   models: {base}/v1/models   stop with Ctrl-C
+""", flush=True)
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        replay.stop()
+    return 0
+
+
+def cmd_replay(args) -> int:
+    import uvicorn
+
+    from gateway.replay import create_replay_app
+    from policies.environments import MVEnvironment, synthetic_bon, synthetic_mv
+
+    envs = {}
+    for spec in args.env:
+        name, _, source = spec.partition("=")
+        if source == "synthetic-mv":
+            envs[name] = synthetic_mv(args.seed)
+        elif source == "synthetic-bon":
+            envs[name] = synthetic_bon(args.seed)
+        else:
+            envs[name] = MVEnvironment.load(source)
+    uvicorn.run(create_replay_app(envs, seed=args.seed), host=args.host, port=args.port, log_level="warning",
+                access_log=False)
+    return 0
+
+
+def _policy_store(args):
+    from gateway.config import load_config
+    from store.database import open_database
+    from store.policy_store import PolicyStore
+
+    path = args.db or load_config(args.config).store.path
+    return PolicyStore(open_database(path))
+
+
+def cmd_policy(args) -> int:
+    store = _policy_store(args)
+    if args.action == "show":
+        version = args.version if args.version is not None else store.latest_version()
+        print(f"policy version {version}")
+        for e in store.entries(version):
+            est = f"  value {e.value:.4f} ± {e.value_se:.4f}" if e.value is not None and e.value_se is not None else ""
+            print(f"  {e.route:12s} {e.tier:8s} prompt={e.arm.prompt_id:8s} n={e.arm.n:<3d}{est}")
+        return 0
+    if args.action == "list":
+        for v in store.versions():
+            print(f"  v{v['version']:<4d} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v['created']))}"
+                  f"  run={v['run_id'] or '-'}  {v['note'] or ''}")
+        return 0
+    if args.action == "diff":
+        a = {(e.route, e.tier): e.arm for e in store.entries(args.a)}
+        b = {(e.route, e.tier): e.arm for e in store.entries(args.b)}
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                print(f"  {key[0]:12s} {key[1]:8s} {_arm(a.get(key))} -> {_arm(b.get(key))}")
+        return 0
+    version = store.rollback(args.version)
+    print(f"published version {version} (a copy of version {args.version})")
+    return 0
+
+
+def _arm(arm) -> str:
+    return f"({arm.prompt_id}, N={arm.n})" if arm else "(start arm)"
+
+
+def cmd_keys(args) -> int:
+    from gateway.config import hash_key
+
+    print(hash_key(args.key))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from gateway.config import ConfigError, load_config
+    from gateway.trainer import run_training_cli
+
+    try:
+        settings = load_config(args.config)
+    except ConfigError as exc:
+        print(f"iapo: {exc}", file=sys.stderr)
+        return 2
+    return run_training_cli(settings, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="iapo", description="Inference-aware prompt optimisation gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gateway")
+    p.add_argument("--config", help="YAML config (else IAPO_CONFIG)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--log-level", default="warning")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="synthetic replay upstream + gateway on localhost, no API keys needed")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--upstream-port", type=int, default=8101)
+    p.add_argument("--db", default="./iapo.db")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("replay", help="run a replay upstream: --env NAME=PATH.npz|synthetic-mv|synthetic-bon")
+    p.add_argument("--env", action="append", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8101)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("policy", help="list, show, diff or roll back policy versions")
+    p.add_argument("--config")
+    p.add_argument("--db")
+    ps = p.add_subparsers(dest="action", required=True)
+    s = ps.add_parser("show")
+    s.add_argument("version", type=int, nargs="?")
+    ps.add_parser("list")
+    s = ps.add_parser("diff")
+    s.add_argument("a", type=int)
+    s.add_argument("b", type=int)
+    s = ps.add_parser("rollback")
+    s.add_argument("version", type=int)
+    p.set_defaults(func=cmd_policy)
+
+    p = sub.add_parser("keys", help="API key helpers")
+    ks = p.add_subparsers(dest="action", required=True)
+    s = ks.add_parser("hash", help="print the sha256 form to put under api_keys in the config")
+    s.add_argument("key")
+    p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("train", help="re-learn the policy of each route with PSST on logged traffic")
+    p.add_argument("--config")
+    p.add_argument("--route")
+    p.add_argument("--budget", type=int)
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--publish-partial", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Gateway configuration: one YAML file plus IAPO_* environment overrides (pydantic-settings)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be served; the message names the field and the problem."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Price(Strict):
+    prompt_per_1k: float = Field(0.0, ge=0)
+    completion_per_1k: float = Field(0.0, ge=0)
+
+
+class Upstream(Strict):
+    """An upstream model reached through litellm."""
+
+    model: str
+    api_base: str | None = None
+    api_key_env: str | None = None  # secrets only from the environment
+    timeout: float = Field(60.0, gt=0)
+    retries: int = Field(1, ge=0)
+    max_concurrency: int = Field(64, ge=1)
+    supports_n: bool = True
+    price: Price | None = None
+    fallback: str | None = None
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class Prompt(Strict):
+    """A candidate prompt: system text and/or an instruction appended to the last user message."""
+
+    id: str
+    system: str | None = None
+    instruction: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_params(self) -> "Prompt":
+        allowed = {"temperature", "top_p", "max_tokens", "presence_penalty", "frequency_penalty", "stop", "seed"}
+        unknown = set(self.params) - allowed
+        if unknown:
+            raise ValueError(f"unknown decoding parameter(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        return self
+
+
+class Extractor(Strict):
+    pattern: str | None = None
+    normalize: bool = True
+
+
+class Scorer(Strict):
+    """How one objective is scored: http (reward model), judge (LLM via litellm), regex, json, length."""
+
+    type: Literal["http", "judge", "regex", "json", "length"]
+    url: str | None = None
+    field: str | None = None
+    upstream: str | None = None
+    rubric: str | None = None
+    pattern: str | None = None
+    target_chars: int | None = None
+    timeout: float = 10.0
+
+
+class Objective(Strict):
+    name: str
+    scorer: Scorer
+    low: float = 0.0  # raw scores are mapped from [low, high] to [0, 1]
+    high: float = 1.0
+
+
+class StartArm(Strict):
+    prompt: str
+    n: int = Field(1, ge=1)
+
+
+class Verifier(Strict):
+    """Gold answers for MV training when feedback has none: a file mapping query text to answer."""
+
+    type: Literal["replay"] = "replay"
+    url: str
+
+
+class Route(Strict):
+    model: str
+    upstream: str
+    aggregator: Literal["bon", "mv"]
+    prompts: list[Prompt] = Field(min_length=1)
+    n_max: int = Field(32, ge=1, le=128)
+    extractor: Extractor = Field(default_factory=Extractor)
+    objectives: list[Objective] = Field(default_factory=list)
+    start: dict[str, StartArm] = Field(default_factory=dict)
+    verifier: Verifier | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Route":
+        ids = [p.id for p in self.prompts]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"prompt ids must be unique, got {ids}")
+        if self.aggregator == "bon" and not self.objectives:
+            raise ValueError("a bon route needs at least one objective with a scorer")
+        for tier, arm in self.start.items():
+            if arm.prompt not in ids:
+                raise ValueError(f"start.{tier}.prompt {arm.prompt!r} is not one of the route's prompts {ids}")
+        return self
+
+    def prompt(self, prompt_id: str) -> Prompt:
+        return next(p for p in self.prompts if p.id == prompt_id)
+
+
+class Tier(Strict):
+    name: str
+    weights: dict[str, float] = Field(default_factory=dict)
+    cost_weight: float = Field(0.0, ge=0)
+    max_n: int | None = Field(None, ge=1)
+    max_cost_per_request: float | None = Field(None, gt=0)
+
+
+class ApiKey(Strict):
+    """A caller key, stored as `sha256:<hex>` of the key; never the key itself."""
+
+    hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    tier: str
+    name: str = ""
+
+
+class StoreConfig(Strict):
+    path: str = "./iapo.db"
+    queue_size: int = Field(10_000, ge=1)
+    batch_size: int = Field(256, ge=1)
+    policy_poll_seconds: float = Field(1.0, gt=0)
+
+
+class Limits(Strict):
+    max_body_bytes: int = 1_000_000
+    max_messages: int = 256
+    max_tokens: int = 32_768
+
+
+def hash_key(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by IAPO_CONFIG (or passed to load_config)."""
+
+    def __init__(self, settings_cls, path: str | None) -> None:
+        super().__init__(settings_cls)
+        self.path = path
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - whole-file source
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if not self.path:
+            return {}
+        data = yaml.safe_load(Path(self.path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{self.path}: the top level must be a mapping")
+        return data
+
+
+_config_path_override: str | None = None
+
+
+class Settings(BaseSettings):
+    """The whole configuration; see README for an annotated example."""
+
+    model_config = SettingsConfigDict(env_prefix="IAPO_", env_nested_delimiter="__", extra="forbid")
+
+    upstreams: dict[str, Upstream] = Field(default_factory=dict)
+    routes: list[Route] = Field(default_factory=list)
+    tiers: list[Tier] = Field(default_factory=lambda: [Tier(name="default")])
+    default_tier: str | None = None
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    limits: Limits = Field(default_factory=Limits)
+    seed: int | None = None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        path = _config_path_override or os.environ.get("IAPO_CONFIG")
+        return (init_settings, env_settings, _YamlSource(settings_cls, path))
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> "Settings":
+        tiers = [t.name for t in self.tiers]
+        if len(set(tiers)) != len(tiers):
+            raise ValueError(f"tier names must be unique, got {tiers}")
+        if self.default_tier is not None and self.default_tier not in tiers:
+            raise ValueError(f"default_tier {self.default_tier!r} is not a tier {tiers}")
+        for i, key in enumerate(self.api_keys):
+            if key.tier not in tiers:
+                raise ValueError(f"api_keys.{i}.tier {key.tier!r} is not a tier {tiers}")
+        names = [r.model for r in self.routes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"route models must be unique, got {names}")
+        for i, route in enumerate(self.routes):
+            if route.upstream not in self.upstreams:
+                raise ValueError(f"routes.{i}.upstream {route.upstream!r} is not an upstream {sorted(self.upstreams)}")
+            if route.model in self.upstreams:
+                raise ValueError(f"routes.{i}.model {route.model!r} is also an upstream name")
+            for tier in route.start:
+                if tier != "default" and tier not in tiers:
+                    raise ValueError(f"routes.{i}.start.{tier} is not a tier {tiers}")
+            objectives = {o.name for o in route.objectives}
+            for t in self.tiers:
+                extra = set(t.weights) - objectives - {"correct"}
+                if route.aggregator == "bon" and extra:
+                    raise ValueError(f"tier {t.name!r} weights {sorted(extra)} name no objective of route {route.model!r}")
+        for name, up in self.upstreams.items():
+            if up.fallback is not None and up.fallback not in self.upstreams:
+                raise ValueError(f"upstreams.{name}.fallback {up.fallback!r} is not an upstream")
+        return self
+
+    def tier(self, name: str) -> Tier:
+        return next(t for t in self.tiers if t.name == name)
+
+    def route(self, model: str) -> Route | None:
+        return next((r for r in self.routes if r.model == model), None)
+
+    @property
+    def default_tier_name(self) -> str:
+        return self.default_tier or self.tiers[0].name
+
+
+def load_config(path: str | None = None, **overrides: Any) -> Settings:
+    """Build Settings from `path` (or IAPO_CONFIG) and the environment; ConfigError names the field."""
+    global _config_path_override
+    _config_path_override = str(path) if path is not None else None
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read configuration: {exc}") from None
+    finally:
+        _config_path_override = None

@@ -1,0 +1,148 @@
+"""Replay upstream: an OpenAI-compatible server that samples answers from recorded distributions.
+
+MV environments answer `... Final answer: \\boxed{c}`; BoN environments answer with an outcome id
+that the paired reward endpoint (`POST /score/{model}`) scores from the recorded outcome vectors.
+Fault switches (`POST /admin/faults`) inject errors, 429s and latency for reliability tests.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from policies.environments import BoNEnvironment, MVEnvironment
+
+PROMPT_RE = re.compile(r"Prompt (\d+)")
+QUERY_RE = re.compile(r"(?:Problem|Query) (\d+)")
+OUTCOME_RE = re.compile(r"Response (\d+) to query (\d+) under prompt (\d+)")
+TOKENS_PER_COST = 1e5  # completion tokens per unit of cost: 0.005–0.010 → 500–1000 tokens
+
+
+@dataclass
+class Faults:
+    """Injected faults: each request fails with `error_status` at `error_rate`, sleeps `latency_ms`."""
+
+    error_rate: float = 0.0
+    error_status: int = 500
+    retry_after: float | None = None
+    latency_ms: float = 0.0
+    spike_rate: float = 0.0
+    spike_ms: float = 0.0
+
+
+def problem_text(x: int) -> str:
+    return f"Problem {x}: solve it and give the final answer."
+
+
+def prompt_text(p: int) -> str:
+    return f"Prompt {p}: you are a careful solver; think step by step."
+
+
+def _index(pattern: re.Pattern, messages: list[dict], roles: set[str], size: int) -> int | None:
+    for m in reversed(messages):
+        if m.get("role") in roles:
+            match = pattern.search(str(m.get("content") or ""))
+            if match:
+                return int(match.group(1)) % size
+    return None
+
+
+def create_replay_app(envs: dict[str, MVEnvironment | BoNEnvironment], seed: int = 0) -> Starlette:
+    rng = np.random.default_rng(seed)
+    faults = Faults()
+    counters = {"requests": 0, "completions": 0}
+
+    async def chat(request: Request) -> Response:
+        body = json.loads(await request.body())
+        counters["requests"] += 1
+        if faults.latency_ms or faults.spike_rate:
+            delay = faults.latency_ms + (faults.spike_ms if rng.random() < faults.spike_rate else 0.0)
+            await asyncio.sleep(delay / 1000)
+        if faults.error_rate and rng.random() < faults.error_rate:
+            headers = {"retry-after": str(faults.retry_after)} if faults.retry_after is not None else {}
+            return JSONResponse({"error": {"message": "injected fault", "type": "server_error", "code": None}},
+                                status_code=faults.error_status, headers=headers)
+        model = body.get("model", "")
+        env = envs.get(model) or next(iter(envs.values()))
+        messages = body.get("messages") or []
+        n = int(body.get("n") or 1)
+        prompt = _index(PROMPT_RE, messages, {"system", "developer"}, env.n_prompts) or 0
+        query = _index(QUERY_RE, messages, {"user"}, env.n_queries)
+        if query is None:
+            query = zlib.crc32(json.dumps(messages).encode()) % env.n_queries
+        draws = env.sample(prompt, query, n, rng)
+        if isinstance(env, MVEnvironment):
+            texts = [f"Working through problem {query} under prompt {prompt}. Final answer: \\boxed{{{int(c)}}}"
+                     for c in draws]
+        else:
+            texts = [f"Response {int(m)} to query {query} under prompt {prompt}." for m in draws]
+        tokens = max(1, int(round(env.cost[prompt] * TOKENS_PER_COST)))
+        max_tokens = body.get("max_tokens")
+        finish = "length" if max_tokens is not None and max_tokens < tokens else "stop"
+        per_choice = min(tokens, max_tokens) if max_tokens is not None else tokens
+        prompt_tokens = sum(len(str(m.get("content") or "")) for m in messages) // 4 + 1
+        counters["completions"] += n
+        return JSONResponse({
+            "id": f"replay-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": finish}
+                        for i, t in enumerate(texts)],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": per_choice * n,
+                      "total_tokens": prompt_tokens + per_choice * n},
+        })
+
+    async def score(request: Request) -> Response:
+        env = envs.get(request.path_params["model"])
+        if not isinstance(env, BoNEnvironment):
+            return JSONResponse({"error": {"message": "no BoN environment of that name"}}, status_code=404)
+        body = json.loads(await request.body())
+        scores = []
+        for text in body.get("completions", []):
+            match = OUTCOME_RE.search(text or "")
+            if not match:
+                scores.append({name: 0.0 for name in env.objectives})
+                continue
+            m, x, p = (int(g) for g in match.groups())
+            vector = env.outcome_scores[p % env.n_prompts, x % env.n_queries, m % env.outcome_probs.shape[-1]]
+            scores.append({name: float(v) for name, v in zip(env.objectives, vector)})
+        return JSONResponse({"scores": scores})
+
+    async def gold(request: Request) -> Response:
+        env = envs.get(request.path_params["model"])
+        if not isinstance(env, MVEnvironment):
+            return JSONResponse({"error": {"message": "no MV environment of that name"}}, status_code=404)
+        x = int(request.path_params["query"]) % env.n_queries
+        return JSONResponse({"query": x, "gold": str(int(env.gold[x]))})
+
+    async def set_faults(request: Request) -> Response:
+        body = json.loads(await request.body() or b"{}")
+        for key, value in body.items():
+            if hasattr(faults, key):
+                setattr(faults, key, value)
+        return JSONResponse(faults.__dict__)
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(counters)
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": k, "object": "model"} for k in envs]})
+
+    return Starlette(routes=[
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/chat/completions", chat, methods=["POST"]),
+        Route("/score/{model}", score, methods=["POST"]),
+        Route("/gold/{model}/{query:int}", gold, methods=["GET"]),
+        Route("/admin/faults", set_faults, methods=["POST"]),
+        Route("/admin/stats", stats, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+    ])

@@ -1,0 +1,146 @@
+"""Best-of-N scorers: one score per completion and objective, normalised to [0, 1]."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Protocol
+
+import httpx
+import numpy as np
+
+from gateway.config import Objective, Route, Scorer
+from gateway.upstream import UpstreamClient
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+class ObjectiveScorer(Protocol):
+    """Scores every completion of one request for one objective (raw scale)."""
+
+    async def score(self, messages: list[dict], texts: list[str]) -> np.ndarray: ...
+
+
+class RegexScorer:
+    """1 when the completion matches the pattern, else 0."""
+
+    def __init__(self, pattern: str) -> None:
+        self.regex = re.compile(pattern)
+
+    async def score(self, messages, texts):
+        return np.array([1.0 if self.regex.search(t) else 0.0 for t in texts])
+
+
+class JsonValidScorer:
+    """1 when the completion (code fences stripped) parses as JSON, else 0."""
+
+    async def score(self, messages, texts):
+        return np.array([1.0 if _parses(t) else 0.0 for t in texts])
+
+
+def _parses(text: str) -> bool:
+    body = text.strip()
+    if body.startswith("```"):
+        body = body.strip("`").split("\n", 1)[-1]
+    try:
+        json.loads(body)
+        return True
+    except ValueError:
+        return False
+
+
+class LengthScorer:
+    """1 at the target length in characters, falling linearly to 0 at zero or twice the target."""
+
+    def __init__(self, target_chars: int) -> None:
+        self.target = max(1, target_chars)
+
+    async def score(self, messages, texts):
+        lengths = np.array([len(t) for t in texts], dtype=float)
+        return np.clip(1.0 - np.abs(lengths - self.target) / self.target, 0.0, 1.0)
+
+
+class HttpRewardScorer:
+    """POSTs {prompt, completions} to a reward model; reads `scores[i][field]` per completion."""
+
+    def __init__(self, url: str, field: str, client: httpx.AsyncClient, timeout: float) -> None:
+        self.url, self.field, self.client, self.timeout = url, field, client, timeout
+
+    async def score(self, messages, texts):
+        payload = await self.fetch(messages, texts)
+        return np.array([float(s[self.field]) for s in payload])
+
+    async def fetch(self, messages, texts) -> list[dict]:
+        r = await self.client.post(self.url, json={"prompt": messages, "completions": texts}, timeout=self.timeout)
+        r.raise_for_status()
+        scores = r.json()["scores"]
+        if len(scores) != len(texts):
+            raise ValueError(f"reward model returned {len(scores)} scores for {len(texts)} completions")
+        return scores
+
+
+class JudgeScorer:
+    """Asks a judge model (through litellm) to rate each completion 0-10 against a rubric."""
+
+    def __init__(self, upstream: UpstreamClient, rubric: str) -> None:
+        self.upstream, self.rubric = upstream, rubric
+
+    async def score(self, messages, texts):
+        question = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
+        return np.array(await asyncio.gather(*(self._rate(str(question), t) for t in texts)))
+
+    async def _rate(self, question: str, answer: str) -> float:
+        prompt = [
+            {"role": "system", "content": f"You are a strict grader. {self.rubric} Reply with one number from 0 to 10."},
+            {"role": "user", "content": f"Question:\n{question}\n\nAnswer:\n{answer}"},
+        ]
+        response, _ = await self.upstream.raw(prompt, {"temperature": 0.0, "max_tokens": 8}, 1)
+        match = _NUMBER.search(response.choices[0].message.content or "")
+        return float(match.group(0)) if match else 0.0
+
+
+class RouteScorer:
+    """All objectives of a BoN route; HTTP objectives sharing a URL cost one call."""
+
+    def __init__(self, route: Route, upstreams: dict[str, UpstreamClient], client: httpx.AsyncClient) -> None:
+        self.objectives = route.objectives
+        self.scorers = [_build(o.scorer, upstreams, client) for o in route.objectives]
+
+    @property
+    def names(self) -> list[str]:
+        return [o.name for o in self.objectives]
+
+    async def score(self, messages: list[dict], texts: list[str]) -> np.ndarray:
+        """(n, K) scores in [0, 1]."""
+        columns: list[np.ndarray | None] = [None] * len(self.scorers)
+        by_url: dict[str, list[int]] = {}
+        for k, s in enumerate(self.scorers):
+            if isinstance(s, HttpRewardScorer):
+                by_url.setdefault(s.url, []).append(k)
+        fetched = await asyncio.gather(*(self.scorers[ks[0]].fetch(messages, texts) for ks in by_url.values()))
+        for ks, payload in zip(by_url.values(), fetched):
+            for k in ks:
+                columns[k] = np.array([float(p[self.scorers[k].field]) for p in payload])
+        rest = [k for k, c in enumerate(columns) if c is None]
+        for k, col in zip(rest, await asyncio.gather(*(self.scorers[k].score(messages, texts) for k in rest))):
+            columns[k] = col
+        raw = np.stack(columns, axis=1)
+        low = np.array([o.low for o in self.objectives])
+        high = np.array([o.high for o in self.objectives])
+        return np.clip((raw - low) / np.where(high > low, high - low, 1.0), 0.0, 1.0)
+
+
+def _build(config: Scorer, upstreams: dict[str, UpstreamClient], client: httpx.AsyncClient) -> ObjectiveScorer:
+    if config.type == "regex":
+        return RegexScorer(config.pattern or ".")
+    if config.type == "json":
+        return JsonValidScorer()
+    if config.type == "length":
+        return LengthScorer(config.target_chars or 500)
+    if config.type == "http":
+        if not config.url or not config.field:
+            raise ValueError("an http scorer needs url and field")
+        return HttpRewardScorer(config.url, config.field, client, config.timeout)
+    if not config.upstream or config.upstream not in upstreams:
+        raise ValueError(f"a judge scorer needs an upstream, got {config.upstream!r}")
+    return JudgeScorer(upstreams[config.upstream], config.rubric or "Rate how helpful and correct the answer is.")

@@ -1,0 +1,371 @@
+"""Serves one chat request: tier → route → arm → N upstream completions → aggregate → log."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+
+from gateway.config import Route, Settings, Tier, hash_key
+from gateway.errors import GatewayError, invalid, not_found, unauthorized, upstream_failed
+from gateway.metrics import GatewayMetrics
+from gateway.request import ChatRequest
+from gateway.scorers import RouteScorer
+from gateway.upstream import Completion, UpstreamClient
+from policies.aggregate import AnswerExtractor, best_of_n, majority_vote
+from policies.arms import Arm, Policy
+from policies.budget import clamp_n
+from policies.utility import answers_to_counts, mv_credit
+from store.database import open_database
+from store.policy_store import PolicyStore
+from store.queries import completion_answers, find_request
+from store.writer import FeedbackLog, LogWriter, RequestLog
+
+log = logging.getLogger("iapo.gateway")
+DEFAULT_MAX_TOKENS = 1024
+
+
+@dataclass
+class Served:
+    """What the HTTP layer needs to answer: the OpenAI body, extra headers, the chosen text."""
+
+    body: dict
+    headers: dict[str, str]
+    text: str = ""
+    finish_reason: str = "stop"
+    upstream_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def query_key(messages: list[dict]) -> str:
+    """Stable identity of a caller's query (its messages), for deduplicating training queries."""
+    return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+def render_messages(route: Route, prompt_id: str, messages: list[dict]) -> list[dict]:
+    """Apply a prompt: its system text first, its instruction appended to the last user message.
+
+    User content is only concatenated, never formatted, so it cannot inject template syntax.
+    """
+    prompt = route.prompt(prompt_id)
+    out = [dict(m) for m in messages]
+    if prompt.instruction:
+        last_user = max((i for i, m in enumerate(out) if m.get("role") == "user"), default=None)
+        if last_user is not None:
+            content = out[last_user].get("content")
+            if isinstance(content, list):
+                out[last_user]["content"] = content + [{"type": "text", "text": prompt.instruction}]
+            else:
+                out[last_user]["content"] = f"{content or ''}\n\n{prompt.instruction}"
+    if prompt.system:
+        out.insert(0, {"role": "system", "content": prompt.system})
+    return out
+
+
+def merge_params(caller: dict, prompt_params: dict) -> dict:
+    """The arm's decoding settings win; a caller's smaller max_tokens is honoured."""
+    params = {**caller, **prompt_params}
+    for name in ("max_tokens", "max_completion_tokens"):
+        if name in caller and name in prompt_params:
+            params[name] = min(caller[name], prompt_params[name])
+    return params
+
+
+class Gateway:
+    """The running gateway's state: config, upstream clients, current policy, writer, metrics."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = GatewayMetrics()
+        self.rng = np.random.default_rng(settings.seed)
+        self.key_to_tier = {k.hash: k.tier for k in settings.api_keys}
+        self.policy = Policy()
+        self.upstreams: dict[str, UpstreamClient] = {}
+        self.extractors = {r.model: AnswerExtractor(r.extractor.pattern, r.extractor.normalize) for r in settings.routes}
+        self.writer: LogWriter | None = None
+        self._watcher: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        for name, cfg in s.upstreams.items():
+            self.upstreams[name] = UpstreamClient(name, cfg)
+            self.upstreams[name].on_error = lambda up, kind: self.metrics.upstream_errors.labels(up, kind).inc()
+        for name, cfg in s.upstreams.items():
+            if cfg.fallback:
+                self.upstreams[name].fallback = self.upstreams[cfg.fallback]
+        self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        self.scorers = {r.model: RouteScorer(r, self.upstreams, self.http) for r in s.routes if r.aggregator == "bon"}
+        self.db = open_database(s.store.path)
+        self.policies = PolicyStore(self.db)
+        self.writer = LogWriter(s.store.path, max_queue=s.store.queue_size, batch_size=s.store.batch_size)
+        self._reload_policy()
+        self._watcher = asyncio.create_task(self._watch_policy())
+
+    async def stop(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
+        if self.writer:
+            await asyncio.to_thread(self.writer.close)
+        await self.http.aclose()
+        self.db.conn.close()
+
+    def _reload_policy(self) -> None:
+        version = self.policies.latest_version()
+        if version != self.policy.version:
+            self.policy = self.policies.load(version)
+            log.info("serving policy version %d", version)
+        self.metrics.policy_version.set(self.policy.version)
+
+    async def _watch_policy(self) -> None:
+        """Switch to a newly published policy between requests (a swap of one reference)."""
+        while True:
+            await asyncio.sleep(self.settings.store.policy_poll_seconds)
+            try:
+                self._reload_policy()
+                self.metrics.log_queue.set(self.writer.depth())
+            except Exception:
+                log.exception("policy reload failed; keeping version %d", self.policy.version)
+
+    # -- resolution -------------------------------------------------------------------------
+    def resolve_tier(self, authorization: str | None) -> Tier:
+        """API key → tier; no key → default tier; an unknown key is refused when keys are configured."""
+        key = None
+        if authorization:
+            scheme, _, value = authorization.partition(" ")
+            key = value.strip() if scheme.lower() == "bearer" else authorization.strip()
+        if key and self.key_to_tier:
+            tier = self.key_to_tier.get(hash_key(key))
+            if tier is None:
+                raise unauthorized()
+            return self.settings.tier(tier)
+        return self.settings.tier(self.settings.default_tier_name)
+
+    def arm_for(self, route: Route, tier: Tier) -> Arm:
+        arm = self.policy.arm_for(route.model, tier.name)
+        if arm is not None and any(p.id == arm.prompt_id for p in route.prompts):
+            return arm
+        start = route.start.get(tier.name) or route.start.get("default")
+        return Arm(start.prompt, start.n) if start else Arm(route.prompts[0].id, 1)
+
+    # -- serving ----------------------------------------------------------------------------
+    async def chat(self, req: ChatRequest, tier: Tier) -> Served:
+        route = self.settings.route(req.model)
+        if route is None:
+            if req.model in self.upstreams:
+                return await self.proxy(req, tier)
+            raise not_found(f"The model `{req.model}` does not exist or you do not have access to it.",
+                            code="model_not_found", param="model")
+        if req.n != 1:
+            raise invalid(f"'n' must be 1 for the routed model `{route.model}`: the gateway chooses how many "
+                          "completions to draw and returns the best one.", param="n")
+        return await self.serve_routed(req, route, tier)
+
+    async def serve_routed(self, req: ChatRequest, route: Route, tier: Tier) -> Served:
+        start = time.perf_counter()
+        upstream = self.upstreams[route.upstream]
+        arm = self.arm_for(route, tier)
+        prompt = route.prompt(arm.prompt_id)
+        params = merge_params(req.params, prompt.params)
+        messages = render_messages(route, arm.prompt_id, req.messages)
+        prompt_chars = sum(len(str(m.get("content") or "")) for m in messages)
+        worst = upstream.price(prompt_chars // 4 + 1, int(params.get("max_tokens") or DEFAULT_MAX_TOKENS))
+        n = clamp_n(arm.n, route_n_max=route.n_max, tier_max_n=tier.max_n,
+                    max_cost_per_request=tier.max_cost_per_request, worst_cost_per_completion=worst)
+        completions = await upstream.complete(messages, params, n)
+        upstream_s = max((c.latency_s for c in completions), default=0.0)
+        ok = [i for i, c in enumerate(completions) if not c.error]
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        labels = (route.model, tier.name)
+        record = {
+            "id": request_id, "created": time.time(), "kind": "serve", "route": route.model, "tier": tier.name,
+            "upstream": route.upstream, "policy_version": self.policy.version, "prompt_id": arm.prompt_id, "n": n,
+            "aggregator": route.aggregator, "messages": json.dumps(req.messages, ensure_ascii=False),
+            "query_key": query_key(req.messages), "failed": len(completions) - len(ok),
+            "upstream_latency_s": upstream_s,
+        }
+        self.metrics.upstream_latency.labels(route.upstream).observe(upstream_s)
+        if not ok:
+            kinds = sorted({c.error_kind or "other" for c in completions})
+            record.update(status=502, error=f"all {n} upstream completions failed ({', '.join(kinds)})",
+                          latency_s=time.perf_counter() - start)
+            await self._log(record, completions, [None] * n, None)
+            self.metrics.requests.labels(*labels, arm.prompt_id, str(n), "502").inc()
+            raise upstream_failed(f"The upstream model failed for all {n} completions ({', '.join(kinds)}).")
+        chosen, answers, scores, info = await self._aggregate(route, tier, messages, completions, ok)
+        usage = _usage(completions)
+        cost = float(sum(c.cost for c in completions))
+        quality = self._observe_quality(route, tier, info, scores, chosen)
+        iapo = {
+            "route": route.model, "tier": tier.name, "prompt_id": arm.prompt_id, "n": n,
+            "aggregator": route.aggregator, "policy_version": self.policy.version, "failed": len(completions) - len(ok),
+            "cost": cost, "scores": quality, **info,
+        }
+        text = completions[chosen].text or ""
+        finish = completions[chosen].finish_reason or "stop"
+        body = {
+            "id": request_id, "object": "chat.completion", "created": int(record["created"]), "model": route.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                         "logprobs": None}],
+            "usage": usage, "iapo": iapo,
+        }
+        headers = {"x-iapo-prompt": arm.prompt_id, "x-iapo-n": str(n), "x-iapo-policy-version": str(self.policy.version)}
+        record.update(status=200, chosen_index=chosen, chosen_answer=info.get("answer"), tie_size=info.get("tie_size"),
+                      vote_share=info.get("vote_share"), latency_s=time.perf_counter() - start, **_usage_cols(usage, cost))
+        await self._log(record, completions, answers, scores)
+        self._count(route.model, tier, arm, n, completions, usage, cost, record["latency_s"])
+        if route.aggregator == "bon" and quality:
+            w = self._weights(route, tier)
+            self.metrics.utility.labels(*labels).observe(
+                float(np.dot(w, [quality[o] for o in self.scorers[route.model].names])) - tier.cost_weight * cost)
+        return Served(body=body, headers=headers, text=text, finish_reason=finish, upstream_s=upstream_s)
+
+    async def _aggregate(self, route, tier, messages, completions: list[Completion], ok: list[int]):
+        """Chosen index, per-completion answers, per-completion scores (n, K) or None, vote/score info."""
+        n = len(completions)
+        if route.aggregator == "mv":
+            extract = self.extractors[route.model]
+            answers = [extract(c.text) if not c.error else None for c in completions]
+            vote = majority_vote(answers, self.rng)
+            chosen = vote.index if vote.answer is not None else ok[0]
+            share = vote.vote_share * n / len(ok)
+            return chosen, answers, None, {"answer": vote.answer, "tie_size": vote.tie_size, "vote_share": share}
+        scorer = self.scorers[route.model]
+        texts = [completions[i].text or "" for i in ok]
+        try:
+            ok_scores = await scorer.score(messages, texts)
+        except Exception as exc:
+            log.warning("scoring failed on route %s: %s", route.model, exc)
+            self.metrics.upstream_errors.labels("scorer", "scoring").inc()
+            return ok[0], [None] * n, None, {"scoring_error": str(exc)[:200]}
+        scores = np.full((n, len(scorer.names)), np.nan)
+        scores[ok] = ok_scores
+        chosen = ok[best_of_n(ok_scores, self._weights(route, tier), self.rng)]
+        return chosen, [None] * n, scores, {}
+
+    def _weights(self, route: Route, tier: Tier) -> np.ndarray:
+        names = [o.name for o in route.objectives]
+        if not tier.weights:
+            return np.full(len(names), 1.0 / len(names))
+        return np.array([tier.weights.get(name, 0.0) for name in names])
+
+    def _observe_quality(self, route, tier, info, scores, chosen) -> dict:
+        labels = (route.model, tier.name)
+        if route.aggregator == "mv":
+            self.metrics.quality.labels(*labels, "vote_share").observe(info["vote_share"])
+            return {"vote_share": info["vote_share"]}
+        if scores is None:
+            return {}
+        values = {name: float(scores[chosen, k]) for k, name in enumerate(self.scorers[route.model].names)}
+        for name, value in values.items():
+            self.metrics.quality.labels(*labels, name).observe(value)
+        return values
+
+    def _count(self, route_name, tier, arm, n, completions, usage, cost, latency) -> None:
+        m = self.metrics
+        labels = (route_name, tier.name)
+        m.requests.labels(*labels, arm.prompt_id, str(n), "200").inc()
+        m.completions.labels(*labels, "serve").inc(sum(1 for c in completions if not c.error))
+        failed = sum(1 for c in completions if c.error)
+        if failed:
+            m.failed_completions.labels(*labels).inc(failed)
+        m.tokens.labels(*labels, "prompt").inc(usage["prompt_tokens"])
+        m.tokens.labels(*labels, "completion").inc(usage["completion_tokens"])
+        m.cost.labels(*labels, "serve").inc(cost)
+        m.latency.labels(*labels).observe(latency)
+
+    async def _log(self, record: dict, completions: list[Completion], answers, scores) -> None:
+        rows = [
+            {
+                "request_id": record["id"], "idx": i, "text": c.text, "answer": answers[i],
+                "scores": json.dumps([None if np.isnan(v) else float(v) for v in scores[i]]) if scores is not None else None,
+                "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "cost": c.cost,
+                "finish_reason": c.finish_reason, "latency_s": c.latency_s, "error": c.error,
+            }
+            for i, c in enumerate(completions)
+        ]
+        await self.writer.submit(RequestLog(record, rows))
+
+    async def proxy(self, req: ChatRequest, tier: Tier) -> Served:
+        """A model naming an upstream: forwarded unchanged (the caller's n and params), logged and counted."""
+        start = time.perf_counter()
+        upstream = self.upstreams[req.model]
+        completions = await upstream.complete(req.messages, req.params, req.n)
+        ok = [i for i, c in enumerate(completions) if not c.error]
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        usage = _usage(completions)
+        cost = float(sum(c.cost for c in completions))
+        record = {
+            "id": request_id, "created": time.time(), "kind": "proxy", "route": None, "tier": tier.name,
+            "upstream": req.model, "n": req.n, "messages": json.dumps(req.messages, ensure_ascii=False),
+            "query_key": query_key(req.messages), "failed": len(completions) - len(ok),
+            "latency_s": time.perf_counter() - start, "status": 200 if ok else 502, **_usage_cols(usage, cost),
+        }
+        await self._log(record, completions, [None] * len(completions), None)
+        self._count(f"upstream:{req.model}", tier, Arm("passthrough", req.n), req.n, completions, usage, cost,
+                    record["latency_s"])
+        if not ok:
+            raise upstream_failed(f"The upstream model failed: {completions[0].error}")
+        body = {
+            "id": request_id, "object": "chat.completion", "created": int(record["created"]), "model": req.model,
+            "choices": [{"index": j, "message": {"role": "assistant", "content": completions[i].text},
+                         "finish_reason": completions[i].finish_reason or "stop", "logprobs": None}
+                        for j, i in enumerate(ok)],
+            "usage": usage,
+        }
+        first = completions[ok[0]]
+        return Served(body=body, headers={}, text=first.text or "", finish_reason=first.finish_reason or "stop",
+                      upstream_s=max(c.latency_s for c in completions))
+
+    # -- feedback ---------------------------------------------------------------------------
+    async def feedback(self, payload: dict, tier: Tier) -> dict:
+        request_id = payload.get("id") or payload.get("response_id")
+        if not isinstance(request_id, str) or not request_id:
+            raise invalid("Missing required parameter: 'id' (the response id to attach feedback to).", param="id",
+                          code="missing_required_parameter")
+        gold, score, objective = payload.get("gold"), payload.get("score"), payload.get("objective")
+        if gold is None and score is None:
+            raise invalid("Provide 'gold' (the correct answer) or 'score' (a number in [0, 1]).", param="gold",
+                          code="missing_required_parameter")
+        if gold is not None and not isinstance(gold, (str, int, float)):
+            raise invalid("Invalid type for 'gold': expected a string.", param="gold", code="invalid_type")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+            raise invalid("Invalid type for 'score': expected a number.", param="score", code="invalid_type")
+        row = await asyncio.to_thread(find_request, self.db, request_id)
+        if row is None:
+            await self.writer.aflush(timeout=5.0)
+            row = await asyncio.to_thread(find_request, self.db, request_id)
+        if row is None or row["tier"] != tier.name:
+            raise not_found(f"No response with id {request_id!r} was served to this caller.", param="id")
+        gold_text = None
+        if gold is not None:
+            route = self.settings.route(row["route"]) if row["route"] else None
+            extract = self.extractors.get(row["route"]) if route is not None else None
+            gold_text = (extract(f"Final answer: {gold}") if extract else None) or str(gold).strip()
+        await self.writer.submit(FeedbackLog({"request_id": request_id, "created": time.time(), "gold": gold_text,
+                                              "score": score, "objective": objective}))
+        result = {"id": request_id, "object": "feedback", "recorded": True}
+        if gold_text is not None and row["aggregator"] == "mv":
+            answers = await asyncio.to_thread(completion_answers, self.db, request_id)
+            credit = float(mv_credit(answers_to_counts(answers, gold_text)))
+            correct = row["chosen_answer"] == gold_text
+            self.metrics.accuracy.labels(row["route"], row["tier"], str(correct).lower()).inc()
+            self.metrics.utility.labels(row["route"], row["tier"]).observe(
+                credit - self.settings.tier(row["tier"]).cost_weight * (row["cost"] or 0.0))
+            result.update(correct=correct, credit=credit)
+        return result
+
+
+def _usage(completions: list[Completion]) -> dict:
+    prompt = sum(c.prompt_tokens for c in completions)
+    completion = sum(c.completion_tokens for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _usage_cols(usage: dict, cost: float) -> dict:
+    return {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"], "cost": cost}

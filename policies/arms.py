@@ -1,0 +1,31 @@
+"""Arms, contexts (budget tiers) and serving policies as plain frozen values."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, order=True)
+class Arm:
+    """One way to serve a request: a prompt (template + decoding settings) drawn `n` times."""
+
+    prompt_id: str
+    n: int
+
+
+@dataclass(frozen=True)
+class Context:
+    """A caller's context: weights over quality objectives and its price of inference λ."""
+
+    weights: tuple[float, ...] = (1.0,)
+    cost_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A versioned map (route, tier) -> Arm; `version` 0 means the configured starting arms."""
+
+    version: int = 0
+    arms: dict[tuple[str, str], Arm] = field(default_factory=dict)
+
+    def arm_for(self, route: str, tier: str) -> Arm | None:
+        return self.arms.get((route, tier))

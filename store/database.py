@@ -1,0 +1,71 @@
+"""Opens the SQLite file in WAL mode and creates the schema (idempotent)."""
+from __future__ import annotations
+
+import sqlite3
+
+import sqlite_utils
+
+SCHEMA = {
+    "requests": (
+        {
+            "id": str, "created": float, "kind": str, "route": str, "tier": str, "upstream": str,
+            "policy_version": int, "prompt_id": str, "n": int, "aggregator": str, "messages": str,
+            "query_key": str, "chosen_index": int, "chosen_answer": str, "tie_size": int,
+            "vote_share": float, "prompt_tokens": int, "completion_tokens": int, "cost": float,
+            "latency_s": float, "upstream_latency_s": float, "failed": int, "status": int,
+            "error": str, "run_id": str,
+        },
+        {"pk": "id"},
+    ),
+    "completions": (
+        {
+            "request_id": str, "idx": int, "text": str, "answer": str, "scores": str,
+            "prompt_tokens": int, "completion_tokens": int, "cost": float, "finish_reason": str,
+            "latency_s": float, "error": str,
+        },
+        {"pk": ("request_id", "idx"), "foreign_keys": [("request_id", "requests", "id")]},
+    ),
+    "feedback": (
+        {"id": int, "request_id": str, "created": float, "gold": str, "score": float, "objective": str},
+        {"pk": "id"},
+    ),
+    "policy_versions": (
+        {"version": int, "created": float, "run_id": str, "note": str},
+        {"pk": "version"},
+    ),
+    "policies": (
+        {
+            "version": int, "route": str, "tier": str, "prompt_id": str, "n": int, "value": float,
+            "value_se": float, "budget_spent": int, "created": float, "run_id": str,
+        },
+        {"pk": ("version", "route", "tier")},
+    ),
+    "training_locks": (
+        {"route": str, "run_id": str, "pid": int, "acquired": float},
+        {"pk": "route"},
+    ),
+}
+
+INDEXES = [
+    ("requests", ["route", "created"]),
+    ("requests", ["kind", "route"]),
+    ("feedback", ["request_id"]),
+]
+
+
+def open_database(path: str, *, create: bool = True) -> sqlite_utils.Database:
+    """A sqlite-utils Database on `path` with WAL, a busy timeout and the schema in place."""
+    conn = sqlite3.connect(path, timeout=30.0, check_same_thread=False)
+    db = sqlite_utils.Database(conn)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA foreign_keys=ON")
+    if create:
+        for name, (columns, options) in SCHEMA.items():
+            if not db[name].exists():
+                db[name].create(columns, **options)
+        existing = {tuple(i.columns) for t in ("requests", "feedback") for i in db[t].indexes}
+        for table, columns in INDEXES:
+            if tuple(columns) not in existing:
+                db[table].create_index(columns, if_not_exists=True)
+    return db

@@ -1,0 +1,78 @@
+"""Versioned serving policies: publish atomically, read the newest, list, diff, roll back."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import sqlite_utils
+
+from policies.arms import Arm, Policy
+
+
+@dataclass(frozen=True)
+class PolicyEntry:
+    """One (route, tier) row of a policy version, with what training estimated for it."""
+
+    route: str
+    tier: str
+    arm: Arm
+    value: float | None = None
+    value_se: float | None = None
+    budget_spent: int | None = None
+
+
+class PolicyStore:
+    """Reads and writes the `policies` / `policy_versions` tables."""
+
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self.db = db
+
+    def latest_version(self) -> int:
+        row = self.db.execute("select max(version) from policy_versions").fetchone()
+        return int(row[0] or 0)
+
+    def load(self, version: int | None = None) -> Policy:
+        """The given version (default: newest) as a Policy; version 0 (empty) when none exists."""
+        version = self.latest_version() if version is None else version
+        if version == 0:
+            return Policy()
+        rows = self.db.execute(
+            "select route, tier, prompt_id, n from policies where version = ?", [version]
+        ).fetchall()
+        return Policy(version=version, arms={(r, t): Arm(p, int(n)) for r, t, p, n in rows})
+
+    def entries(self, version: int) -> list[PolicyEntry]:
+        rows = self.db.execute(
+            "select route, tier, prompt_id, n, value, value_se, budget_spent from policies"
+            " where version = ? order by route, tier", [version]
+        ).fetchall()
+        return [PolicyEntry(r, t, Arm(p, int(n)), v, se, b) for r, t, p, n, v, se, b in rows]
+
+    def versions(self) -> list[dict]:
+        return list(self.db.query("select * from policy_versions order by version"))
+
+    def publish(self, entries: list[PolicyEntry], *, run_id: str = "", note: str = "",
+                base_version: int | None = None) -> int:
+        """Write a new version in one transaction: rows of `base_version` not overridden carry over."""
+        now = time.time()
+        with self.db.atomic():
+            version = self.latest_version() + 1
+            base = self.entries(self.latest_version() if base_version is None else base_version)
+            merged = {(e.route, e.tier): e for e in base}
+            merged.update({(e.route, e.tier): e for e in entries})
+            self.db["policy_versions"].insert({"version": version, "created": now, "run_id": run_id, "note": note})
+            self.db["policies"].insert_all(
+                {
+                    "version": version, "route": e.route, "tier": e.tier, "prompt_id": e.arm.prompt_id,
+                    "n": e.arm.n, "value": e.value, "value_se": e.value_se, "budget_spent": e.budget_spent,
+                    "created": now, "run_id": run_id,
+                }
+                for e in merged.values()
+            )
+        return version
+
+    def rollback(self, to_version: int) -> int:
+        """Publish a copy of an older version as the newest one (history stays append-only)."""
+        if to_version != 0 and not self.entries(to_version):
+            raise KeyError(f"policy version {to_version} does not exist")
+        return self.publish([], note=f"rollback to {to_version}", base_version=to_version)

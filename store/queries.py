@@ -1,0 +1,52 @@
+"""Read-side queries over the log: one request, its answers, feedback, training queries."""
+from __future__ import annotations
+
+import json
+
+import sqlite_utils
+
+
+def find_request(db: sqlite_utils.Database, request_id: str) -> dict | None:
+    rows = list(db.query("select * from requests where id = ?", [request_id]))
+    return rows[0] if rows else None
+
+
+def completion_answers(db: sqlite_utils.Database, request_id: str) -> list[str | None]:
+    return [r["answer"] for r in db.query(
+        "select answer from completions where request_id = ? and error is null order by idx", [request_id])]
+
+
+def training_queries(db: sqlite_utils.Database, route: str, *, since: float, limit: int) -> list[dict]:
+    """Distinct served queries of a route (newest first) with their gold answer when feedback gave one."""
+    rows = db.query(
+        """
+        select r.query_key, r.messages, max(r.created) as last_seen,
+               (select f.gold from feedback f join requests r2 on r2.id = f.request_id
+                 where r2.query_key = r.query_key and f.gold is not null
+                 order by f.created desc limit 1) as gold
+        from requests r
+        where r.route = ? and r.kind = 'serve' and r.created >= ? and r.status = 200
+        group by r.query_key order by last_seen desc limit ?
+        """,
+        [route, since, limit],
+    )
+    return [{"query_key": r["query_key"], "messages": json.loads(r["messages"]), "gold": r["gold"]} for r in rows]
+
+
+def served_pulls(db: sqlite_utils.Database, route: str, *, since: float) -> list[dict]:
+    """Requests served on a route: (query_key, prompt_id, n) with their completions' answers and costs."""
+    requests = list(db.query(
+        "select id, query_key, prompt_id, n from requests where route = ? and kind = 'serve' and status = 200"
+        " and created >= ? and failed = 0", [route, since]))
+    if not requests:
+        return []
+    by_id = {r["id"]: {**r, "answers": [], "costs": [], "scores": []} for r in requests}
+    for c in db.query(
+        "select c.request_id, c.answer, c.cost, c.scores from completions c join requests r on r.id = c.request_id"
+        " where r.route = ? and r.kind = 'serve' and r.status = 200 and r.created >= ? and r.failed = 0"
+        " order by c.request_id, c.idx", [route, since]):
+        entry = by_id[c["request_id"]]
+        entry["answers"].append(c["answer"])
+        entry["costs"].append(c["cost"] or 0.0)
+        entry["scores"].append(json.loads(c["scores"]) if c["scores"] else None)
+    return list(by_id.values())

@@ -1,0 +1,107 @@
+"""Shared fixtures: the replay upstream over loopback, a gateway per config, fresh SQLite files."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MATH_NPZ = SHARED_DATA / "math_mv.npz"
+
+
+def require_shared_data() -> Path:
+    """../shared/data is required: missing under CI=true fails the test, elsewhere it skips."""
+    if MATH_NPZ.exists():
+        return MATH_NPZ
+    message = f"replay data not found at {MATH_NPZ} (expected ../shared/data beside the repo)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def math_env():
+    from policies.environments import MVEnvironment
+
+    return MVEnvironment.load(str(require_shared_data()))
+
+
+@pytest.fixture(scope="session")
+def synthetic_envs():
+    from policies.environments import synthetic_bon, synthetic_mv
+
+    return {"replay-mv": synthetic_mv(0), "replay-bon": synthetic_bon(0)}
+
+
+@pytest.fixture(scope="session")
+def replay(math_env, synthetic_envs):
+    """One replay upstream (uvicorn on loopback) serving MATH and the synthetic MV/BoN tasks."""
+    from gateway.replay import create_replay_app
+    from gateway.servers import ServerThread
+
+    server = ServerThread(create_replay_app({"replay-math": math_env, **synthetic_envs}, seed=1)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def reset_faults(replay):
+    import httpx
+
+    yield
+    httpx.post(f"{replay.url}/admin/faults", json={"error_rate": 0.0, "latency_ms": 0.0, "spike_rate": 0.0,
+                                                      "retry_after": None, "error_status": 500})
+
+
+class RunningGateway:
+    """A gateway under uvicorn on loopback, with its config file and SQLite path."""
+
+    def __init__(self, config: dict, tmp: Path) -> None:
+        from gateway.app import create_app
+        from gateway.config import load_config
+        from gateway.servers import ServerThread
+
+        config.setdefault("store", {})
+        config["store"].setdefault("path", str(tmp / "iapo.db"))
+        config["store"].setdefault("policy_poll_seconds", 0.1)
+        self.config_path = tmp / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.settings = load_config(self.config_path)
+        self.db_path = self.settings.store.path
+        self.app = create_app(self.settings)
+        self.server = ServerThread(self.app).start()
+        self.url = self.server.url
+
+    @property
+    def gateway(self):
+        return self.app.state.gateway
+
+    def client(self, key: str | None = "none"):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=30)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture
+def start_gateway(tmp_path):
+    """Factory: start_gateway(config_dict) -> RunningGateway; all stopped at teardown."""
+    running = []
+
+    def start(config: dict, name: str = "gw") -> RunningGateway:
+        folder = tmp_path / f"{name}{len(running)}"
+        folder.mkdir()
+        gw = RunningGateway(config, folder)
+        running.append(gw)
+        return gw
+
+    yield start
+    for gw in running:
+        gw.stop()
