@@ -1,0 +1,182 @@
+"""PSST benchmark (not a test): regret and ACR against budget on MATH replay and synthetic tasks.
+
+    python bench/psst.py [--runs 100] [--budgets 1000,2000,5000,10000,20000] [--envs math,synth-mv,synth-bon]
+
+Protocol (the paper's): run s splits the queries with default_rng(s).permutation(X) (80% train),
+trains on the train split only through ask/tell against a simulator, and judges the policy on the
+test split with exact arm values. Regret = ACR(train-oracle) − ACR(policy), both on test.
+Writes bench/results/psst.json, bench/results/psst.png and the table in bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from bench.simulate import Task, bon_task, mv_task, run_once  # noqa: E402
+from policies.baselines import UCB, PromptThenN, SequentialHalving, Uniform  # noqa: E402
+from policies.environments import MVEnvironment, synthetic_bon, synthetic_mv  # noqa: E402
+from policies.psst import PSST, TopK  # noqa: E402
+
+MATH = ROOT.parent / "shared" / "data" / "math_mv.npz"
+RESULTS = ROOT / "bench" / "results"
+
+
+class Unpaired:
+    """Factory that hides the training-set size, so pulls use independently sampled queries."""
+
+    def __init__(self, cls, **options) -> None:
+        self.cls, self.options = cls, options
+
+    def __call__(self, **kwargs):
+        kwargs.pop("n_queries", None)
+        return self.cls(**kwargs, **self.options)
+
+
+ALGORITHMS = {
+    "PSST": PSST,
+    "PSST-paper (blocks; unpaired)": Unpaired(PSST, estimator="block"),
+    "PSST+Top-1": functools.partial(PSST, screening=TopK(1)),
+    "PSST+Top-4": functools.partial(PSST, screening=TopK(4)),
+    "PSST+Top-8": functools.partial(PSST, screening=TopK(8)),
+    "Uniform": Uniform,
+    "SH (no reuse)": SequentialHalving,
+    "UCB": UCB,
+    "Prompt at N=1 then N": PromptThenN,
+}
+
+_TASKS: dict[str, Task] = {}
+
+
+def load_task(name: str) -> Task:
+    if name not in _TASKS:
+        if name == "math":
+            _TASKS[name] = mv_task(MVEnvironment.load(str(MATH)))
+        elif name == "synth-mv":
+            _TASKS[name] = mv_task(synthetic_mv(seed=0))
+        elif name == "synth-bon":
+            _TASKS[name] = bon_task(synthetic_bon(seed=0))
+        else:
+            raise ValueError(name)
+    return _TASKS[name]
+
+
+def _job(args):
+    env, algo, budget, seed = args
+    return env, algo, budget, run_once(load_task(env), ALGORITHMS[algo], budget, seed)
+
+
+def bookkeeping_time(repeats: int = 5) -> float:
+    """Median seconds of one PSST run's own work (ask/tell/policy, not pulls) at T = 20K on MATH."""
+    return float(np.median([run_once(load_task("math"), PSST, 20_000, s)["bookkeeping_s"] for s in range(repeats)]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--budgets", default="1000,2000,5000,10000,20000")
+    parser.add_argument("--envs", default="math,synth-mv,synth-bon")
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", default=str(RESULTS / "psst.json"))
+    args = parser.parse_args()
+    budgets = [int(b) for b in args.budgets.split(",")]
+    envs = args.envs.split(",")
+    algos = [a for a in ALGORITHMS if a in args.algorithms.split(",")]
+    if "math" in envs and not MATH.exists():
+        sys.exit(f"MATH replay data not found at {MATH}")
+    jobs = [(e, a, b, s) for e in envs for a in algos for b in budgets for s in range(args.runs)]
+    start = time.time()
+    with Pool(args.workers, initializer=lambda: [load_task(e) for e in envs]) as pool:
+        outcomes = pool.map(_job, jobs, chunksize=max(1, len(jobs) // (args.workers * 40)))
+    by = defaultdict(list)
+    for env, algo, budget, result in outcomes:
+        by[(env, algo, budget)].append(result)
+    rows = []
+    for (env, algo, budget), results in by.items():
+        regret = np.array([r["regret"] for r in results])
+        rows.append({
+            "env": env, "algorithm": algo, "budget": budget, "runs": len(results),
+            "regret": float(regret.mean()), "regret_se": float(regret.std(ddof=1) / np.sqrt(len(regret))),
+            "acr": float(np.mean([r["acr"] for r in results])), "oracle_acr": float(np.mean([r["oracle"] for r in results])),
+            "max_spent": int(max(r["spent"] for r in results)),
+        })
+    report = {"runs": args.runs, "budgets": budgets, "wall_s": round(time.time() - start, 1),
+              "psst_bookkeeping_s_T20K_math": bookkeeping_time() if "math" in envs else None, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    plot(rows, envs, algos, Path(args.out).with_suffix(".png"))
+    table = markdown(rows, envs, algos, budgets)
+    print(table)
+    print(f"bookkeeping of one PSST run at T=20K on MATH: {report['psst_bookkeeping_s_T20K_math']}")
+    if Path(args.out) == RESULTS / "psst.json":
+        update_readme(table, report)
+
+
+def plot(rows, envs, algos, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(envs), figsize=(5.5 * len(envs), 4.2), squeeze=False)
+    for ax, env in zip(axes[0], envs):
+        for algo in algos:
+            pts = sorted((r["budget"], r["acr"] / r["oracle_acr"]) for r in rows if r["env"] == env and r["algorithm"] == algo)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=algo, linewidth=2.2 if algo == "PSST" else 1.2)
+        ax.set_xscale("log")
+        ax.set_title(env)
+        ax.set_xlabel("training budget T (completions)")
+        ax.set_ylabel("ACR / train-oracle ACR (test split)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def markdown(rows, envs, algos, budgets) -> str:
+    lines = []
+    for env in envs:
+        lines.append(f"\n**{env}**: regret (mean ± s.e.) by budget T\n")
+        lines.append("| algorithm | " + " | ".join(f"T={b // 1000}K" for b in budgets) + " |")
+        lines.append("|---|" + "---|" * len(budgets))
+        for algo in algos:
+            cells = []
+            for b in budgets:
+                r = next((r for r in rows if (r["env"], r["algorithm"], r["budget"]) == (env, algo, b)), None)
+                cells.append(f"{r['regret']:.4f} ± {r['regret_se']:.4f}" if r else "")
+            lines.append(f"| {algo} | " + " | ".join(cells) + " |")
+        oracle = {b: next(r["oracle_acr"] for r in rows if r["env"] == env and r["budget"] == b) for b in budgets}
+        lines.append("| *train-oracle ACR* | " + " | ".join(f"{oracle[b]:.4f}" for b in budgets) + " |")
+    return "\n".join(lines)
+
+
+def update_readme(table: str, report: dict) -> None:
+    readme = ROOT / "bench" / "README.md"
+    text = readme.read_text() if readme.exists() else ""
+    begin, end = "<!-- psst-table -->", "<!-- /psst-table -->"
+    block = (f"{begin}\n_{report['runs']} runs per cell; generated by `python bench/psst.py` "
+             f"in {report['wall_s']} s; one PSST run's bookkeeping at T=20K on MATH: "
+             f"{report['psst_bookkeeping_s_T20K_math']} s_\n{table}\n{end}")
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text += "\n" + block + "\n"
+    readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""PSST: learn the best (prompt, N) per context under a completion budget, through ask/tell.
+
+The engine plans pulls and reads outcomes; it never calls a model, so the same code runs against a
+simulator, a replay server or real upstream calls in batches (the shape of httpx's auth flows).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from policies.arms import Context
+from policies.estimators import ArmEstimates, encode_answers
+
+__all__ = ["PSST", "Context", "Outcome", "TopK", "Pull"]
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Screening: spend `fraction` of the budget on pulls at N=`n` (the paper: 1), then keep the k
+    prompts per context whose best arm with N ≤ `n` is estimated best."""
+
+    k: int
+    fraction: float = 0.2
+    n: int = 1
+
+
+@dataclass
+class Outcome:
+    """One pull's result: per-completion costs, and MV answers + gold or BoN scores (n, K)."""
+
+    costs: np.ndarray
+    answers: Sequence | np.ndarray | None = None
+    gold: object = None
+    scores: np.ndarray | None = None
+
+
+class Pull(tuple):
+    """A planned pull `(prompt_id, n)`; `.query` names a query slot (pulls of one round share slots,
+    so prompts are compared on the same queries) or is None when the executor picks the query."""
+
+    query: int | None
+
+    def __new__(cls, prompt_id: str, n: int, query: int | None = None) -> "Pull":
+        self = super().__new__(cls, (prompt_id, n))
+        self.query = query
+        return self
+
+
+class Engine:
+    """ask/tell bookkeeping shared by PSST and the baselines: budget, outstanding pulls, estimates."""
+
+    def __init__(self, prompts: Sequence[str], n_max: int, contexts: dict[str, Context], budget: int,
+                 aggregator: str = "mv", seed: int = 0, estimator: str = "subset", permutations: int = 8,
+                 n_queries: int | None = None) -> None:
+        if aggregator not in ("mv", "bon"):
+            raise ValueError("aggregator must be 'mv' or 'bon'")
+        if not prompts or n_max < 1 or budget < 0 or not contexts:
+            raise ValueError("need ≥ 1 prompt, n_max ≥ 1, budget ≥ 0 and ≥ 1 context")
+        self.prompts = list(prompts)
+        self.prompt_index = {p: i for i, p in enumerate(self.prompts)}
+        self.n_max = n_max
+        self.context_names = list(contexts)
+        K = max(len(c.weights) for c in contexts.values())
+        self.weights = np.array([list(c.weights) + [0.0] * (K - len(c.weights)) for c in contexts.values()])
+        self.cost_weights = np.array([c.cost_weight for c in contexts.values()], dtype=float)
+        self.budget = int(budget)
+        self.aggregator = aggregator
+        self.rng = np.random.default_rng(seed)
+        self.n_queries = n_queries
+        self.spent = 0
+        self.outstanding = 0
+        self.finished = False
+        self.estimates = ArmEstimates(self.weights, self.cost_weights, len(self.prompts), n_max, mode=estimator,
+                                      permutations=permutations, rng=self.rng)
+        # active[c, p, n-1]: arm (p, n) still a candidate in context c
+        self.active = np.ones((len(self.context_names), len(self.prompts), n_max), dtype=bool)
+
+    # -- protocol ---------------------------------------------------------------------------
+    def ask(self) -> list[Pull]:
+        if self.outstanding:
+            raise RuntimeError(f"{self.outstanding} pulls of the current round are not told yet")
+        if self.finished:
+            return []
+        plan = self._plan()  # list of (prompt index, n, pull count)
+        pulls = self._pulls(plan)
+        cost = sum(n for _, n in pulls)
+        if not pulls or cost > self.budget - self.spent:
+            self.finished = True
+            return []
+        self.spent += cost
+        self.outstanding = len(pulls)
+        return pulls
+
+    def tell(self, results: Iterable[tuple[str, int, Outcome]]) -> None:
+        results = list(results)
+        groups: dict[tuple[int, int], list[Outcome]] = {}
+        for prompt_id, n, outcome in results:
+            groups.setdefault((self.prompt_index[prompt_id], int(n)), []).append(outcome)
+        for (p, n), outcomes in groups.items():
+            self._add(p, n, outcomes)
+        self.outstanding = max(0, self.outstanding - len(results))
+        if self.outstanding == 0:
+            self._end_round()
+
+    def offer(self, results: Iterable[tuple[str, int, Outcome]]) -> int:
+        """Stockpile pulls paid for elsewhere (served traffic); no budget spent. Returns how many."""
+        results = [(p, n, o) for p, n, o in results if p in self.prompt_index and 1 <= n <= self.n_max]
+        groups: dict[tuple[int, int], list[Outcome]] = {}
+        for prompt_id, n, outcome in results:
+            groups.setdefault((self.prompt_index[prompt_id], int(n)), []).append(outcome)
+        for (p, n), outcomes in groups.items():
+            self._add(p, n, outcomes)
+        return len(results)
+
+    def policy(self) -> dict[str, tuple[str, int]]:
+        """Per context the active arm with the best estimate (unsampled arms rank last)."""
+        value = np.where(self.active, np.nan_to_num(self.estimates.mean(), nan=-np.inf), -np.inf)
+        value = np.where(self.active & np.isinf(value), -1e18, value)  # active but unsampled
+        flat = value.reshape(len(self.context_names), -1).argmax(axis=1)
+        p, n = np.unravel_index(flat, (len(self.prompts), self.n_max))
+        return {c: (self.prompts[pi], int(ni) + 1) for c, pi, ni in zip(self.context_names, p, n)}
+
+    def estimate(self, context: str, prompt_id: str, n: int) -> tuple[float, float]:
+        """(estimated value, samples behind it) of one arm in one context."""
+        c = self.context_names.index(context)
+        p = self.prompt_index[prompt_id]
+        return float(self.estimates.mean()[c, p, n - 1]), float(self.estimates.counts[p, n - 1])
+
+    # -- hooks for subclasses -----------------------------------------------------------------
+    def _plan(self) -> list[tuple[int, int, int]]:
+        raise NotImplementedError
+
+    def _end_round(self) -> None:
+        pass
+
+    # -- shared pieces ----------------------------------------------------------------------
+    def _pulls(self, plan: list[tuple[int, int, int]]) -> list[Pull]:
+        """Expand (prompt, n, count) into pulls; with n_queries known, all prompts share query slots."""
+        if not plan:
+            return []
+        most = max(count for _, _, count in plan)
+        slots = None
+        if self.n_queries:
+            slots = self.rng.choice(self.n_queries, size=most, replace=most > self.n_queries)
+        return [Pull(self.prompts[p], n, None if slots is None else int(slots[j]))
+                for p, n, count in plan for j in range(count)]
+
+    def _add(self, p: int, n: int, outcomes: list[Outcome]) -> None:
+        costs = np.stack([np.asarray(o.costs, dtype=float) for o in outcomes])
+        if self.aggregator == "mv":
+            codes = np.stack([encode_answers(o.answers if isinstance(o.answers, np.ndarray) else list(o.answers), o.gold)
+                              for o in outcomes])
+            self.estimates.add_mv(p, codes, costs)
+        else:
+            self.estimates.add_bon(p, np.stack([np.asarray(o.scores, dtype=float) for o in outcomes]), costs)
+
+    def _halve(self) -> None:
+        """In every context drop the worse half of its active arms (never the last); vectorised."""
+        C = len(self.context_names)
+        value = np.nan_to_num(self.estimates.mean(), nan=-np.inf).reshape(C, -1)
+        active = self.active.reshape(C, -1)
+        n_of = np.tile(np.arange(1, self.n_max + 1), len(self.prompts))
+        # rank by value, ties toward the cheaper scale; inactive arms sort last
+        key = np.where(active, -value, np.inf)
+        order = np.lexsort((np.broadcast_to(n_of, key.shape), key), axis=1)
+        m = active.sum(axis=1)
+        keep = np.maximum(1, np.ceil(m / 2)).astype(int)
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(order.shape[1])[None, :].repeat(C, 0), axis=1)
+        self.active = (active & (rank < keep[:, None])).reshape(self.active.shape)
+
+
+class PSST(Engine):
+    """Prompt Scaling via Sequential Trimming with structure-aware allocation and halving.
+
+    Budget schedule: round r gets ⌊remaining / rounds left⌋ (so floor leftovers carry forward);
+    when that cannot buy one pull of every active prompt at its largest N, the round borrows from
+    later rounds (which have fewer arms), and if the whole remaining budget cannot, N is scaled
+    down proportionally so the budget is never exceeded.
+    """
+
+    def __init__(self, prompts: Sequence[str], n_max: int, contexts: dict[str, Context], budget: int,
+                 aggregator: str = "mv", seed: int = 0, screening: TopK | None = None, **options) -> None:
+        super().__init__(prompts, n_max, contexts, budget, aggregator, seed, **options)
+        self.screening = screening
+        self.screen_budget = int(math.floor(screening.fraction * budget)) if screening else 0
+        self.phase = "screen" if screening else "rounds"
+        self.round = 0
+        self.rounds = self._rounds_for(self.active)
+
+    def _rounds_for(self, active: np.ndarray) -> int:
+        arms = int(active.reshape(active.shape[0], -1).sum(axis=1).max())
+        return max(1, math.ceil(math.log2(arms))) if arms > 1 else 1
+
+    def _plan(self) -> list[tuple[int, int, int]]:
+        if self.phase == "screen":
+            n = min(self.screening.n, self.n_max)
+            per_prompt = self.screen_budget // (n * len(self.prompts))
+            if per_prompt == 0:
+                self.phase = "rounds"
+                return self._plan()
+            return [(p, n, per_prompt) for p in range(len(self.prompts))]
+        if self.round >= self.rounds:
+            return []
+        largest = np.where(self.active.any(axis=0), np.arange(1, self.n_max + 1), 0).max(axis=1)  # N_p
+        prompts = np.flatnonzero(largest)
+        M = int(largest.sum())
+        remaining = self.budget - self.spent
+        share = remaining // (self.rounds - self.round)
+        if share >= M:
+            return [(int(p), int(largest[p]), share // M) for p in prompts]
+        if remaining >= M:
+            return [(int(p), int(largest[p]), 1) for p in prompts]
+        scaled = np.maximum(1, np.floor(largest[prompts] * remaining / M)).astype(int)
+        while scaled.sum() > remaining and scaled.max() > 1:
+            scaled[scaled.argmax()] -= 1
+        if scaled.sum() > remaining:  # not even one completion per prompt: pull the current leaders
+            leaders = self._leaders(prompts)[:remaining]
+            return [(int(p), 1, 1) for p in leaders]
+        return [(int(p), int(n), 1) for p, n in zip(prompts, scaled)]
+
+    def _leaders(self, prompts: np.ndarray) -> np.ndarray:
+        value = np.nan_to_num(self.estimates.mean(), nan=-np.inf).max(axis=(0, 2))
+        return prompts[np.argsort(-value[prompts], kind="stable")]
+
+    def _end_round(self) -> None:
+        if self.phase == "screen":
+            self._screen()
+            self.phase = "rounds"
+            self.rounds = self._rounds_for(self.active)
+            return
+        self._halve()
+        self.round += 1
+        if self.round >= self.rounds:
+            self.finished = True
+
+    def _screen(self) -> None:
+        """Keep the k prompts with the best screened estimate (best N ≤ screening scale) per context."""
+        k = min(self.screening.k, len(self.prompts))
+        n = min(self.screening.n, self.n_max)
+        screened = np.nan_to_num(self.estimates.mean()[:, :, :n], nan=-np.inf).max(axis=2)  # (C, P)
+        best = np.argsort(-screened, axis=1, kind="stable")[:, :k]
+        kept = np.zeros(screened.shape, dtype=bool)
+        np.put_along_axis(kept, best, True, axis=1)
+        self.active &= kept[:, :, None]
+
+    def ask(self) -> list[Pull]:
+        pulls = super().ask()
+        if not pulls and self.phase == "rounds" and self.round < self.rounds and not self.outstanding:
+            # budget exhausted early: finish the halving on what was learned (stockpiled estimates)
+            while self.round < self.rounds:
+                self._halve()
+                self.round += 1
+            self.finished = True
+        return pulls
