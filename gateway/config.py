@@ -89,10 +89,11 @@ class StartArm(Strict):
 
 
 class Verifier(Strict):
-    """Gold answers for MV training when feedback has none: a file mapping query text to answer."""
+    """Gold answers for MV training when feedback has none: POST {messages} → {"gold": ...}."""
 
-    type: Literal["replay"] = "replay"
+    type: Literal["http"] = "http"
     url: str
+    timeout: float = 10.0
 
 
 class Route(Strict):
@@ -145,6 +146,22 @@ class StoreConfig(Strict):
     policy_poll_seconds: float = Field(1.0, gt=0)
 
 
+class TrainConfig(Strict):
+    """Offline re-learning of each route's policy from logged traffic (`iapo train`)."""
+
+    budget: int = Field(5000, ge=1)  # completions per run
+    max_dollars: float | None = Field(None, gt=0)
+    window_hours: float = Field(24 * 7, gt=0)
+    min_queries: int = Field(20, ge=1)
+    max_queries: int = Field(1000, ge=1)
+    concurrency: int = Field(32, ge=1)
+    interval_seconds: float | None = Field(None, gt=0)  # `iapo serve` trains itself this often; off by default
+    screening_k: int | None = Field(None, ge=1)
+    screening_fraction: float = Field(0.2, gt=0, lt=1)
+    reuse_served: bool = True
+    seed: int = 0
+
+
 class Limits(Strict):
     max_body_bytes: int = 1_000_000
     max_messages: int = 256
@@ -189,6 +206,7 @@ class Settings(BaseSettings):
     api_keys: list[ApiKey] = Field(default_factory=list)
     store: StoreConfig = Field(default_factory=StoreConfig)
     limits: Limits = Field(default_factory=Limits)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     seed: int | None = None
 
     @classmethod

@@ -24,7 +24,7 @@ def replay_route(model: str, upstream: str, env: MVEnvironment | BoNEnvironment,
         "start": start or {"default": {"prompt": "p0", "n": 1}},
     }
     if isinstance(env, MVEnvironment):
-        route.update(aggregator="mv", verifier={"type": "replay", "url": f"{base_url}/gold/{env_name}/{{query}}"})
+        route.update(aggregator="mv", verifier={"url": f"{base_url}/gold/{env_name}"})
     else:
         route.update(aggregator="bon", objectives=[
             {"name": name, "scorer": {"type": "http", "url": f"{base_url}/score/{env_name}", "field": name}}

@@ -118,10 +118,13 @@ def create_replay_app(envs: dict[str, MVEnvironment | BoNEnvironment], seed: int
         return JSONResponse({"scores": scores})
 
     async def gold(request: Request) -> Response:
+        """Verifier: the gold answer of the problem named in the messages."""
         env = envs.get(request.path_params["model"])
         if not isinstance(env, MVEnvironment):
             return JSONResponse({"error": {"message": "no MV environment of that name"}}, status_code=404)
-        x = int(request.path_params["query"]) % env.n_queries
+        x = _index(QUERY_RE, json.loads(await request.body()).get("messages") or [], {"user"}, env.n_queries)
+        if x is None:
+            return JSONResponse({"gold": None})
         return JSONResponse({"query": x, "gold": str(int(env.gold[x]))})
 
     async def set_faults(request: Request) -> Response:
@@ -141,7 +144,7 @@ def create_replay_app(envs: dict[str, MVEnvironment | BoNEnvironment], seed: int
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/chat/completions", chat, methods=["POST"]),
         Route("/score/{model}", score, methods=["POST"]),
-        Route("/gold/{model}/{query:int}", gold, methods=["GET"]),
+        Route("/gold/{model}", gold, methods=["POST"]),
         Route("/admin/faults", set_faults, methods=["POST"]),
         Route("/admin/stats", stats, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),

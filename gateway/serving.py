@@ -68,6 +68,12 @@ def render_messages(route: Route, prompt_id: str, messages: list[dict]) -> list[
     return out
 
 
+def prompt_version(route: Route, prompt_id: str) -> str:
+    """Content hash of a prompt (texts and decoding settings): served pulls are reusable only on a match."""
+    prompt = route.prompt(prompt_id)
+    return hashlib.sha256(json.dumps(prompt.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def merge_params(caller: dict, prompt_params: dict) -> dict:
     """The arm's decoding settings win; a caller's smaller max_tokens is honoured."""
     params = {**caller, **prompt_params}
@@ -184,7 +190,8 @@ class Gateway:
         labels = (route.model, tier.name)
         record = {
             "id": request_id, "created": time.time(), "kind": "serve", "route": route.model, "tier": tier.name,
-            "upstream": route.upstream, "policy_version": self.policy.version, "prompt_id": arm.prompt_id, "n": n,
+            "upstream": route.upstream, "policy_version": self.policy.version, "prompt_id": arm.prompt_id,
+            "prompt_version": prompt_version(route, arm.prompt_id), "n": n,
             "aggregator": route.aggregator, "messages": json.dumps(req.messages, ensure_ascii=False),
             "query_key": query_key(req.messages), "failed": len(completions) - len(ok),
             "upstream_latency_s": upstream_s,

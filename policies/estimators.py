@@ -74,12 +74,30 @@ class ArmEstimates:
         C = len(self.cost_weights)
         self.sums = np.zeros((C, self.n_prompts, self.n_max))
         self.counts = np.zeros((self.n_prompts, self.n_max))
+        # per-pull means, for standard errors: Σ u, Σ u², number of pulls
+        self.pull_sums = np.zeros((C, self.n_prompts, self.n_max))
+        self.pull_squares = np.zeros((C, self.n_prompts, self.n_max))
+        self.pulls = np.zeros((self.n_prompts, self.n_max))
         self.rng = self.rng or np.random.default_rng(0)
 
     def mean(self) -> np.ndarray:
         """(C, P, n_max) estimated values; NaN where an arm has no sample."""
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.counts > 0, self.sums / self.counts, np.nan)
+
+    def stderr(self) -> np.ndarray:
+        """(C, P, n_max) standard error of each estimate from the spread of per-pull means."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = self.pull_sums / self.pulls
+            var = np.maximum(self.pull_squares / self.pulls - mean**2, 0.0) * self.pulls / np.maximum(self.pulls - 1, 1)
+            return np.where(self.pulls > 1, np.sqrt(var / self.pulls), np.nan)
+
+    def _record_pulls(self, prompt: int, per_pull: np.ndarray) -> None:
+        """per_pull (C, Q, N): each pull's mean utility at every scale n ≤ N."""
+        N = per_pull.shape[2]
+        self.pull_sums[:, prompt, :N] += per_pull.sum(axis=1)
+        self.pull_squares[:, prompt, :N] += (per_pull**2).sum(axis=1)
+        self.pulls[prompt, :N] += per_pull.shape[1]
 
     def add_mv(self, prompt: int, codes: np.ndarray, costs: np.ndarray) -> None:
         """Q pulls of one prompt at one N: codes (Q, N) from encode_answers, costs (Q, N)."""
@@ -102,12 +120,12 @@ class ArmEstimates:
         credit = mv_credit(cum[:, :, ends] - cum[:, :, starts])  # (Q, R, B)
         cost_cum = np.concatenate([np.zeros((Q, R, 1)), np.cumsum(costs_r, axis=2)], axis=2)
         block_cost = cost_cum[:, :, ends] - cost_cum[:, :, starts]
-        per_block_credit = credit.sum(axis=(0, 1)) / R  # (B,)
-        per_block_cost = block_cost.sum(axis=(0, 1)) / R
-        credit_n = np.add.reduceat(per_block_credit, seg)  # (N,) summed over blocks of each size
-        cost_n = np.add.reduceat(per_block_cost, seg)
-        self.sums[:, prompt, :N] += self.weights[:, :1] * credit_n - self.cost_weights[:, None] * cost_n
+        credit_qn = np.add.reduceat(credit.sum(axis=1), seg, axis=1) / R  # (Q, N): summed over blocks of size n
+        cost_qn = np.add.reduceat(block_cost.sum(axis=1), seg, axis=1) / R
+        utility = self.weights[:, :1, None] * credit_qn - self.cost_weights[:, None, None] * cost_qn  # (C, Q, N)
+        self.sums[:, prompt, :N] += utility.sum(axis=1)
         self.counts[prompt, :N] += Q * per_n
+        self._record_pulls(prompt, utility / per_n)
 
     def add_bon(self, prompt: int, scores: np.ndarray, costs: np.ndarray) -> None:
         """Q pulls of one prompt at one N: scores (Q, N, K), costs (Q, N)."""
@@ -117,20 +135,23 @@ class ArmEstimates:
             self._add_direct(prompt, N, u.max(axis=2) - self.cost_weights[:, None] * costs.sum(1))
             return
         per_n = N // np.arange(1, N + 1)
-        mean_cost = costs.mean(axis=1).sum()  # Σ_q mean cost per completion
         if self.mode == "subset":
-            best = np.sort(u, axis=2) @ max_of_subset_weights(N).T  # (C, Q, n): E[max of random n-subset]
-            quality = (best.sum(axis=1)) * per_n
+            quality = np.sort(u, axis=2) @ max_of_subset_weights(N).T  # (C, Q, n): E[max of random n-subset]
         else:
-            quality = np.stack([u[:, :, : (N // n) * n].reshape(u.shape[0], Q, N // n, n).max(-1).sum(axis=(1, 2))
-                                for n in range(1, N + 1)], axis=1)  # (C, N)
-        cost = np.arange(1, N + 1) * mean_cost * per_n
-        self.sums[:, prompt, :N] += quality - self.cost_weights[:, None] * cost
+            quality = np.stack([u[:, :, : (N // n) * n].reshape(u.shape[0], Q, N // n, n).max(-1).mean(axis=2)
+                                for n in range(1, N + 1)], axis=2)  # (C, Q, n): mean over disjoint blocks
+        cost = costs.mean(axis=1)[:, None] * np.arange(1, N + 1)  # (Q, n)
+        utility = quality - self.cost_weights[:, None, None] * cost  # (C, Q, N): per-pull means
+        self.sums[:, prompt, :N] += (utility * per_n).sum(axis=1)
         self.counts[prompt, :N] += Q * per_n
+        self._record_pulls(prompt, utility)
 
     def _add_direct(self, prompt: int, N: int, utilities: np.ndarray) -> None:
         self.sums[:, prompt, N - 1] += utilities.sum(axis=1)
         self.counts[prompt, N - 1] += utilities.shape[1]
+        self.pull_sums[:, prompt, N - 1] += utilities.sum(axis=1)
+        self.pull_squares[:, prompt, N - 1] += (utilities**2).sum(axis=1)
+        self.pulls[prompt, N - 1] += utilities.shape[1]
 
 
 def _counts(codes: np.ndarray) -> np.ndarray:

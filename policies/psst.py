@@ -124,10 +124,10 @@ class Engine:
         return {c: (self.prompts[pi], int(ni) + 1) for c, pi, ni in zip(self.context_names, p, n)}
 
     def estimate(self, context: str, prompt_id: str, n: int) -> tuple[float, float]:
-        """(estimated value, samples behind it) of one arm in one context."""
+        """(estimated value, its standard error) of one arm in one context; NaN when unknown."""
         c = self.context_names.index(context)
         p = self.prompt_index[prompt_id]
-        return float(self.estimates.mean()[c, p, n - 1]), float(self.estimates.counts[p, n - 1])
+        return float(self.estimates.mean()[c, p, n - 1]), float(self.estimates.stderr()[c, p, n - 1])
 
     # -- hooks for subclasses -----------------------------------------------------------------
     def _plan(self) -> list[tuple[int, int, int]]:

@@ -9,7 +9,7 @@ SCHEMA = {
     "requests": (
         {
             "id": str, "created": float, "kind": str, "route": str, "tier": str, "upstream": str,
-            "policy_version": int, "prompt_id": str, "n": int, "aggregator": str, "messages": str,
+            "policy_version": int, "prompt_id": str, "prompt_version": str, "n": int, "aggregator": str, "messages": str,
             "query_key": str, "chosen_index": int, "chosen_answer": str, "tie_size": int,
             "vote_share": float, "prompt_tokens": int, "completion_tokens": int, "cost": float,
             "latency_s": float, "upstream_latency_s": float, "failed": int, "status": int,

@@ -36,7 +36,7 @@ def training_queries(db: sqlite_utils.Database, route: str, *, since: float, lim
 def served_pulls(db: sqlite_utils.Database, route: str, *, since: float) -> list[dict]:
     """Requests served on a route: (query_key, prompt_id, n) with their completions' answers and costs."""
     requests = list(db.query(
-        "select id, query_key, prompt_id, n from requests where route = ? and kind = 'serve' and status = 200"
+        "select id, query_key, prompt_id, prompt_version, n from requests where route = ? and kind = 'serve' and status = 200"
         " and created >= ? and failed = 0", [route, since]))
     if not requests:
         return []

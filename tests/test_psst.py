@@ -150,7 +150,8 @@ def test_string_answers_and_none():
     trainer = PSST(prompts=["a"], n_max=3, contexts=one_context(), budget=30, seed=0)
     batch = trainer.ask()
     trainer.tell([(p, n, Outcome(costs=np.zeros(n), answers=(["42"] * (n - 1) + [None]), gold="42")) for p, n in batch])
-    assert trainer.estimate("only", "a", 1)[0] == pytest.approx(2 / 3)
+    value, se = trainer.estimate("only", "a", 1)
+    assert value == pytest.approx(2 / 3) and se == pytest.approx(0.0, abs=1e-6)
 
 
 def test_bon_engine_on_synthetic_task_beats_prompt_only():
