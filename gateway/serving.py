@@ -96,6 +96,8 @@ class Gateway:
         self.extractors = {r.model: AnswerExtractor(r.extractor.pattern, r.extractor.normalize) for r in settings.routes}
         self.writer: LogWriter | None = None
         self._watcher: asyncio.Task | None = None
+        self._trainer: asyncio.Task | None = None
+        self.prompt_versions = {(r.model, p.id): prompt_version(r, p.id) for r in settings.routes for p in r.prompts}
 
     async def start(self) -> None:
         s = self.settings
@@ -112,10 +114,12 @@ class Gateway:
         self.writer = LogWriter(s.store.path, max_queue=s.store.queue_size, batch_size=s.store.batch_size)
         self._reload_policy()
         self._watcher = asyncio.create_task(self._watch_policy())
+        self._trainer = asyncio.create_task(self._train_periodically()) if s.train.interval_seconds else None
 
     async def stop(self) -> None:
-        if self._watcher:
-            self._watcher.cancel()
+        for task in (self._watcher, self._trainer):
+            if task:
+                task.cancel()
         if self.writer:
             await asyncio.to_thread(self.writer.close)
         await self.http.aclose()
@@ -137,6 +141,19 @@ class Gateway:
                 self.metrics.log_queue.set(self.writer.depth())
             except Exception:
                 log.exception("policy reload failed; keeping version %d", self.policy.version)
+
+    async def _train_periodically(self) -> None:
+        """`train.interval_seconds`: re-learn every route in a worker thread; serving never waits on it."""
+        from gateway.trainer import summary, train_routes
+
+        while True:
+            await asyncio.sleep(self.settings.train.interval_seconds)
+            try:
+                reports = await asyncio.to_thread(lambda: asyncio.run(train_routes(self.settings)))
+                for report in reports:
+                    log.info("%s", summary(report))
+            except Exception:
+                log.exception("scheduled training failed; serving continues on version %d", self.policy.version)
 
     # -- resolution -------------------------------------------------------------------------
     def resolve_tier(self, authorization: str | None) -> Tier:
@@ -191,7 +208,7 @@ class Gateway:
         record = {
             "id": request_id, "created": time.time(), "kind": "serve", "route": route.model, "tier": tier.name,
             "upstream": route.upstream, "policy_version": self.policy.version, "prompt_id": arm.prompt_id,
-            "prompt_version": prompt_version(route, arm.prompt_id), "n": n,
+            "prompt_version": self.prompt_versions[(route.model, arm.prompt_id)], "n": n,
             "aggregator": route.aggregator, "messages": json.dumps(req.messages, ensure_ascii=False),
             "query_key": query_key(req.messages), "failed": len(completions) - len(ok),
             "upstream_latency_s": upstream_s,

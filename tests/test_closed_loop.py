@@ -201,3 +201,19 @@ def test_cli_dry_run_policy_show_diff_and_rollback(loop, math_env, capsys):
     wait_for_version(loop, 2)
     arm = loop.gateway.arm_for(loop.settings.route("math"), loop.settings.tier("low"))
     assert (arm.prompt_id, arm.n) == ("p6", 1)  # back to the starting arm
+
+
+def test_serve_trains_itself_on_an_interval_without_blocking(start_gateway, replay, math_env, synthetic_envs):
+    cfg = loop_config(replay, math_env, synthetic_envs["replay-bon"], interval_seconds=1.0, budget=1500)
+    cfg["routes"] = cfg["routes"][:1]
+    gw = start_gateway(cfg)
+    warm_up(gw, math_env)
+    deadline = time.monotonic() + 60
+    served_during = 0
+    while gw.gateway.policy.version == 0:
+        assert time.monotonic() < deadline, "scheduled training never published"
+        serve(gw, "high", "math", [250])  # serving goes on while training runs in its thread
+        served_during += 1
+    assert served_during >= 1
+    arm = gw.gateway.arm_for(gw.settings.route("math"), gw.settings.tier("low"))
+    assert arm.prompt_id != "p6"
