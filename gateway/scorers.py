@@ -95,7 +95,7 @@ class JudgeScorer:
             {"role": "user", "content": f"Question:\n{question}\n\nAnswer:\n{answer}"},
         ]
         response, _ = await self.upstream.raw(prompt, {"temperature": 0.0, "max_tokens": 8}, 1)
-        match = _NUMBER.search(response.choices[0].message.content or "")
+        match = _NUMBER.search(response.texts[0] if response.texts else "")
         return float(match.group(0)) if match else 0.0
 
 

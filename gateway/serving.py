@@ -123,6 +123,8 @@ class Gateway:
         if self.writer:
             await asyncio.to_thread(self.writer.close)
         await self.http.aclose()
+        for upstream in self.upstreams.values():
+            await upstream.aclose()
         self.db.conn.close()
 
     def _reload_policy(self) -> None:

@@ -24,7 +24,7 @@ from gateway.upstream import UpstreamClient
 from policies.aggregate import AnswerExtractor
 from policies.arms import Arm
 from policies.psst import PSST, Context, Outcome, TopK
-from store.database import open_database
+from store.database import open_database, write_transaction
 from store.policy_store import PolicyEntry, PolicyStore
 from store.queries import served_pulls, training_queries
 from store.training_lock import TrainingLock, TrainingLockHeld
@@ -283,6 +283,7 @@ class RouteTrainer:
                     break
         finally:
             progress.close()
+            await upstream.aclose()
 
     async def _pull(self, sem, upstream: UpstreamClient, scorer, pull, query, messages, params):
         prompt_id, n = pull[0], pull[1]
@@ -327,7 +328,7 @@ class RouteTrainer:
                 "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "cost": c.cost,
                 "finish_reason": c.finish_reason, "latency_s": c.latency_s,
             } for i, c in enumerate(comps)]
-        with db.atomic():
+        with write_transaction(db):
             db["requests"].insert_all(requests)
             db["completions"].insert_all(completions)
 

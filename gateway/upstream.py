@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 import gateway  # noqa: F401  (sets LITELLM_LOCAL_MODEL_COST_MAP before litellm is imported)
+import httpx
 import litellm
 
 from gateway.config import Upstream
@@ -15,6 +16,8 @@ from gateway.config import Upstream
 log = logging.getLogger("iapo.upstream")
 litellm.suppress_debug_info = True
 litellm.telemetry = False
+for _name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):  # its INFO lines cost ~1 ms per call
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 @dataclass
@@ -29,6 +32,16 @@ class Completion:
     latency_s: float = 0.0
     error: str | None = None
     error_kind: str | None = None
+
+
+@dataclass
+class RawResponse:
+    """One upstream call's result, whichever transport made it."""
+
+    texts: list[str]
+    finish_reasons: list[str | None]
+    prompt_tokens: int
+    completion_tokens: int
 
 
 class UpstreamError(Exception):
@@ -72,7 +85,12 @@ class UpstreamClient:
         self.config = config
         self.fallback = fallback
         self._slots = asyncio.Semaphore(config.max_concurrency)
+        self._http: httpx.AsyncClient | None = None
         self.on_error = None  # callback(kind) for metrics
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
 
     def price(self, prompt_tokens: int, completion_tokens: int) -> float:
         """Dollar cost from the configured price, else litellm's cost table (0 when unknown)."""
@@ -86,21 +104,18 @@ class UpstreamClient:
         except Exception:
             return 0.0
 
-    async def raw(self, messages: list[dict], params: dict, n: int) -> tuple[object, float]:
-        """One litellm call (n completions), retried on transient errors; returns (response, seconds)."""
+    async def raw(self, messages: list[dict], params: dict, n: int) -> tuple[RawResponse, float]:
+        """One call (n completions), retried on transient errors; returns (response, seconds)."""
         deadline = time.monotonic() + self.config.timeout
         attempt = 0
         while True:
             start = time.monotonic()
             try:
                 async with self._slots:
-                    response = await litellm.acompletion(
-                        model=self.config.model, messages=messages, n=n if n > 1 else None,
-                        api_base=self.config.api_base, api_key=self.config.api_key() or "none",
-                        timeout=max(0.1, deadline - start), max_retries=0, **params)
+                    response = await self._send(messages, params, n, max(0.1, deadline - start))
                 return response, time.monotonic() - start
-            except Exception as exc:  # litellm raises many types; classify once
-                err = classify(exc)
+            except Exception as exc:  # transports raise many types; classify once
+                err = exc if isinstance(exc, UpstreamError) else classify(exc)
                 if self.on_error:
                     self.on_error(self.name, err.kind)
                 attempt += 1
@@ -108,6 +123,51 @@ class UpstreamClient:
                 if err.kind not in RETRYABLE or attempt > self.config.retries or left <= 0.05:
                     raise err from None
                 await asyncio.sleep(min(left / 2, _backoff(attempt, exc)))
+
+    async def _send(self, messages: list[dict], params: dict, n: int, timeout: float) -> RawResponse:
+        if self.config.transport == "openai":
+            return await self._send_openai(messages, params, n, timeout)
+        response = await litellm.acompletion(
+            model=self.config.model, messages=messages, n=n if n > 1 else None, api_base=self.config.api_base,
+            api_key=self.config.api_key() or "none", timeout=timeout, max_retries=0, **params)
+        usage = getattr(response, "usage", None)
+        return RawResponse(
+            texts=[c.message.content or "" for c in response.choices],
+            finish_reasons=[c.finish_reason for c in response.choices],
+            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0))
+
+    async def _send_openai(self, messages: list[dict], params: dict, n: int, timeout: float) -> RawResponse:
+        """`transport: openai`: a pooled keep-alive POST to an OpenAI-compatible endpoint, no translation."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(limits=httpx.Limits(max_connections=self.config.max_concurrency,
+                                                               max_keepalive_connections=self.config.max_concurrency))
+        body = {"model": self.config.model.split("/", 1)[-1], "messages": messages, **params}
+        if n > 1:
+            body["n"] = n
+        key = self.config.api_key()
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        try:
+            r = await self._http.post(f"{self.config.api_base.rstrip('/')}/chat/completions", json=body,
+                                      headers=headers, timeout=timeout)
+        except httpx.TimeoutException:
+            raise UpstreamError("timeout", f"upstream timed out after {timeout:.1f}s") from None
+        except httpx.TransportError as exc:
+            raise UpstreamError("connection", f"upstream connection failed: {exc!r}") from None
+        if r.status_code >= 400:
+            kind = ("rate_limit" if r.status_code == 429 else "server" if r.status_code >= 500 else
+                    "auth" if r.status_code in (401, 403) else "bad_request")
+            err = UpstreamError(kind, f"upstream answered {r.status_code}: {r.text[:200]}", r.status_code)
+            err.response = r
+            raise err
+        data = r.json()
+        usage = data.get("usage") or {}
+        choices = data.get("choices") or []
+        return RawResponse(
+            texts=[(c.get("message") or {}).get("content") or "" for c in choices],
+            finish_reasons=[c.get("finish_reason") for c in choices],
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0))
 
     async def complete(self, messages: list[dict], params: dict, n: int) -> list[Completion]:
         """N completions: one call with n=N when the provider takes it, else N parallel calls.
@@ -132,13 +192,11 @@ class UpstreamClient:
             return [Completion(text=None, error=str(err), error_kind=err.kind) for _ in range(n)]
         return self._split(response, seconds, n)
 
-    def _split(self, response, seconds: float, n: int) -> list[Completion]:
+    def _split(self, response: RawResponse, seconds: float, n: int) -> list[Completion]:
         """Per-completion tokens and cost from the call's usage (shared prompt split evenly)."""
-        choices = list(response.choices)[:n]
-        usage = getattr(response, "usage", None)
-        prompt_total = int(getattr(usage, "prompt_tokens", 0) or 0)
-        completion_total = int(getattr(usage, "completion_tokens", 0) or 0)
-        texts = [c.message.content or "" for c in choices]
+        texts = response.texts[:n]
+        choices = response.finish_reasons[:n]
+        prompt_total, completion_total = response.prompt_tokens, response.completion_tokens
         lengths = [max(len(t), 1) for t in texts]
         share = [round(completion_total * l / sum(lengths)) for l in lengths]
         if share:
@@ -147,9 +205,9 @@ class UpstreamClient:
         if prompt_share:
             prompt_share[0] += prompt_total - sum(prompt_share)
         out = [
-            Completion(text=t, finish_reason=c.finish_reason, prompt_tokens=pt, completion_tokens=ct,
+            Completion(text=t, finish_reason=finish, prompt_tokens=pt, completion_tokens=ct,
                        cost=self.price(pt, ct), latency_s=seconds)
-            for c, t, pt, ct in zip(choices, texts, prompt_share, share)
+            for finish, t, pt, ct in zip(choices, texts, prompt_share, share)
         ]
         out += [Completion(text=None, error="upstream returned fewer choices than requested", error_kind="short")
                 for _ in range(n - len(out))]

@@ -1,7 +1,9 @@
 """Opens the SQLite file in WAL mode and creates the schema (idempotent)."""
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from typing import Iterator
 
 import sqlite_utils
 
@@ -69,3 +71,18 @@ def open_database(path: str, *, create: bool = True) -> sqlite_utils.Database:
             if tuple(columns) not in existing:
                 db[table].create_index(columns, if_not_exists=True)
     return db
+
+
+@contextlib.contextmanager
+def write_transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """BEGIN IMMEDIATE ... COMMIT: takes the write lock up front, so concurrent writers wait on the
+    busy timeout instead of failing with "database is locked" when a read snapshot goes stale."""
+    db.conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        if db.conn.in_transaction:
+            db.conn.execute("ROLLBACK")
+        raise
+    else:
+        db.conn.execute("COMMIT")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import sqlite_utils
 
 from policies.arms import Arm, Policy
+from store.database import write_transaction
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class PolicyStore:
                 base_version: int | None = None) -> int:
         """Write a new version in one transaction: rows of `base_version` not overridden carry over."""
         now = time.time()
-        with self.db.atomic():
+        with write_transaction(self.db):
             version = self.latest_version() + 1
             base = self.entries(self.latest_version() if base_version is None else base_version)
             merged = {(e.route, e.tier): e for e in base}

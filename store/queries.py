@@ -45,7 +45,9 @@ def served_pulls(db: sqlite_utils.Database, route: str, *, since: float) -> list
         "select c.request_id, c.answer, c.cost, c.scores from completions c join requests r on r.id = c.request_id"
         " where r.route = ? and r.kind = 'serve' and r.status = 200 and r.created >= ? and r.failed = 0"
         " order by c.request_id, c.idx", [route, since]):
-        entry = by_id[c["request_id"]]
+        entry = by_id.get(c["request_id"])
+        if entry is None:  # written after the first read
+            continue
         entry["answers"].append(c["answer"])
         entry["costs"].append(c["cost"] or 0.0)
         entry["scores"].append(json.loads(c["scores"]) if c["scores"] else None)

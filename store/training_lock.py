@@ -7,6 +7,8 @@ import time
 
 import sqlite_utils
 
+from store.database import write_transaction
+
 
 class TrainingLockHeld(Exception):
     """Another live training run holds the route."""
@@ -27,7 +29,7 @@ class TrainingLock:
         self.db, self.route, self.run_id = db, route, run_id
 
     def acquire(self) -> None:
-        with self.db.atomic():
+        with write_transaction(self.db):
             row = self.db.execute("select run_id, pid from training_locks where route = ?", [self.route]).fetchone()
             if row is not None:
                 run_id, pid = row
@@ -41,5 +43,5 @@ class TrainingLock:
                 raise TrainingLockHeld(f"route {self.route!r} is being trained by another run") from None
 
     def release(self) -> None:
-        with self.db.atomic():
+        with write_transaction(self.db):
             self.db.execute("delete from training_locks where route = ? and run_id = ?", [self.route, self.run_id])

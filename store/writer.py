@@ -7,7 +7,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
-from store.database import open_database
+from store.database import open_database, write_transaction
 
 log = logging.getLogger("iapo.store")
 
@@ -103,7 +103,7 @@ class LogWriter:
         completions = [c for i in batch if isinstance(i, RequestLog) for c in i.completions]
         feedback = [i.feedback for i in batch if isinstance(i, FeedbackLog)]
         try:
-            with db.atomic():
+            with write_transaction(db):
                 if requests:
                     db["requests"].insert_all(requests, replace=True)
                 if completions:

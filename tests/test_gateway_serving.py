@@ -279,3 +279,18 @@ def test_feedback_attaches_gold_and_counts_accuracy(gw, math_env):
     db = sqlite_utils.Database(gw.db_path)
     assert db.execute("select gold from feedback where request_id = ?", [resp.id]).fetchone()[0] == gold
     assert value(metrics(gw.url), "iapo_feedback_correct_total", route="math") == 1
+
+
+def test_openai_transport_serves_the_same_contract(start_gateway, replay, math_env, synthetic_envs, reset_faults):
+    """`transport: openai` (no litellm on the hot path): same answer contract, usage, cost and errors."""
+    cfg = config(replay, math_env, synthetic_envs)
+    cfg["upstreams"]["replay-math"]["transport"] = "openai"
+    gw = start_gateway(cfg)
+    raw = gw.client(KEYS["low"]).chat.completions.with_raw_response.create(model="math", messages=ask(11))
+    resp = raw.parse()
+    tokens = int(round(math_env.cost[4] * 1e5))
+    assert raw.headers["x-iapo-n"] == "9" and resp.usage.completion_tokens == 9 * tokens
+    assert resp.model_extra["iapo"]["cost"] == pytest.approx(9 * tokens * 1e-5)
+    httpx.post(f"{replay.url}/admin/faults", json={"error_rate": 1.0, "error_status": 429, "retry_after": 0.01})
+    r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "math", "messages": ask(1)})
+    assert r.status_code == 502 and "rate_limit" in r.json()["error"]["message"]
