@@ -28,6 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / "bench" / ".venv-litellm-proxy"
 ENV = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONUNBUFFERED": "1"}
+MASTER_KEY = "sk-bench-" + "5f3a9c0e7b21d4868a0c1e2f3b4d5e6f"
 MESSAGES = [{"role": "user", "content": "Problem 3: solve it and give the final answer."}]
 
 
@@ -76,11 +77,11 @@ async def latency(targets: dict[str, tuple[str, dict]], rounds: int) -> dict[str
     async with httpx.AsyncClient(timeout=30) as client:
         for name, (url, body) in targets.items():  # warm-up
             for _ in range(10):
-                (await client.post(url, json=body, headers={"authorization": "Bearer sk-bench"})).raise_for_status()
+                (await client.post(url, json=body, headers={"authorization": f"Bearer {MASTER_KEY}"})).raise_for_status()
         for _ in range(rounds):
             for name, (url, body) in targets.items():
                 t0 = time.perf_counter()
-                r = await client.post(url, json=body, headers={"authorization": "Bearer sk-bench"})
+                r = await client.post(url, json=body, headers={"authorization": f"Bearer {MASTER_KEY}"})
                 times[name].append(time.perf_counter() - t0)
                 r.raise_for_status()
     return {k: np.array(v) for k, v in times.items()}
@@ -95,7 +96,7 @@ async def throughput(url: str, body: dict, seconds: float, concurrency: int) -> 
             nonlocal done, errors
             while time.monotonic() < stop_at:
                 try:
-                    r = await client.post(url, json=body, headers={"authorization": "Bearer sk-bench"})
+                    r = await client.post(url, json=body, headers={"authorization": f"Bearer {MASTER_KEY}"})
                     done += r.status_code == 200
                     errors += r.status_code != 200
                 except httpx.HTTPError:
@@ -127,8 +128,10 @@ def main() -> None:
             "model": name, "upstream": "replay", "aggregator": "mv", "n_max": 32,
             "prompts": [{"id": "p3", "system": prompt_text(3), "params": {"max_tokens": 1200}}],
             "start": {"default": {"prompt": "p3", "n": n}}}
-        config = {"upstreams": {"replay": replay_upstream(upstream, "replay-mv")},
-                  "routes": [route("bench-n1", 1), route("bench-n8", 8)],
+        config = {"upstreams": {"replay": replay_upstream(upstream, "replay-mv"),
+                                "replay-direct": replay_upstream(upstream, "replay-mv", transport="openai")},
+                  "routes": [route("bench-n1", 1), route("bench-n8", 8), {**route("direct-n1", 1), "upstream": "replay-direct"},
+                             {**route("direct-n8", 8), "upstream": "replay-direct"}],
                   "store": {"path": str(work / "iapo.db")}}
         (work / "iapo.yaml").write_text(yaml.safe_dump(config))
         gateway = f"http://127.0.0.1:{gw_port}"
@@ -138,18 +141,21 @@ def main() -> None:
             "direct": (f"{upstream}/v1/chat/completions", {"model": "replay-mv", "messages": MESSAGES}),
             "iapo": (f"{gateway}/v1/chat/completions", {"model": "bench-n1", "messages": MESSAGES}),
             "iapo N=8": (f"{gateway}/v1/chat/completions", {"model": "bench-n8", "messages": MESSAGES}),
+            "iapo transport=openai": (f"{gateway}/v1/chat/completions", {"model": "direct-n1", "messages": MESSAGES}),
+            "iapo transport=openai N=8": (f"{gateway}/v1/chat/completions", {"model": "direct-n8", "messages": MESSAGES}),
         }
         if not args.skip_litellm_proxy:
             binary = litellm_proxy_binary()
             (work / "litellm.yaml").write_text(yaml.safe_dump({"model_list": [{
                 "model_name": "replay", "litellm_params": {"model": "openai/replay-mv", "api_base": f"{upstream}/v1",
-                                                            "api_key": "sk-replay"}}]}))
+                                                            "api_key": "sk-replay"}}],
+                "general_settings": {"master_key": MASTER_KEY}}))
             proxy = f"http://127.0.0.1:{lp_port}"
             procs.append(start([str(binary), "--config", str(work / "litellm.yaml"), "--port", str(lp_port),
                                 "--num_workers", "1"], f"{proxy}/health/liveliness", work / "litellm.log", timeout=240))
             targets["litellm-proxy"] = (f"{proxy}/v1/chat/completions", {"model": "replay", "messages": MESSAGES})
         lat = asyncio.run(latency(targets, args.requests))
-        rps = {name: [] for name in targets if name != "iapo N=8"}
+        rps = {name: [] for name in targets if not name.endswith("N=8")}
         for _ in range(args.slices):
             for name in rps:
                 url, body = targets[name]
@@ -166,10 +172,12 @@ def main() -> None:
                 entry["errors"] = int(sum(e for _, e in rps[name]))
             report["targets"][name] = entry
         t = report["targets"]
-        ratios = {"iapo_N8_over_N1_p50": t["iapo N=8"]["p50_ms"] / t["iapo"]["p50_ms"]}
-        if "litellm-proxy" in t:
-            ratios["added_p50_iapo_over_litellm"] = t["iapo"]["added_p50_ms"] / t["litellm-proxy"]["added_p50_ms"]
-            ratios["rps_iapo_over_litellm"] = t["iapo"]["rps"] / t["litellm-proxy"]["rps"]
+        ratios = {}
+        for label, name in (("litellm_transport", "iapo"), ("openai_transport", "iapo transport=openai")):
+            ratios[f"{label}: N8_over_N1_p50"] = t[f"{name} N=8"]["p50_ms"] / t[name]["p50_ms"]
+            if "litellm-proxy" in t:
+                ratios[f"{label}: added_p50_over_litellm_proxy"] = t[name]["added_p50_ms"] / t["litellm-proxy"]["added_p50_ms"]
+                ratios[f"{label}: rps_over_litellm_proxy"] = t[name]["rps"] / t["litellm-proxy"]["rps"]
         report["ratios"] = ratios
         out = ROOT / "bench" / "results" / "overhead.json"
         out.parent.mkdir(parents=True, exist_ok=True)
