@@ -73,8 +73,14 @@ def create_replay_app(envs: dict[str, MVEnvironment | BoNEnvironment], seed: int
             return JSONResponse({"error": {"message": "injected fault", "type": "server_error", "code": None}},
                                 status_code=faults.error_status, headers=headers)
         model = body.get("model", "")
-        env = envs.get(model) or next(iter(envs.values()))
         messages = body.get("messages") or []
+        if model == "judge":  # a deterministic grader for judge-scorer tests: length of the answer mod 11
+            answer = str(messages[-1].get("content") or "").rsplit("Answer:\n", 1)[-1]
+            return JSONResponse({"id": "judge", "object": "chat.completion", "created": int(time.time()), "model": model,
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": f"{len(answer) % 11}"},
+                                              "finish_reason": "stop"}],
+                                 "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}})
+        env = envs.get(model) or next(iter(envs.values()))
         n = int(body.get("n") or 1)
         prompt = _index(PROMPT_RE, messages, {"system", "developer"}, env.n_prompts) or 0
         query = _index(QUERY_RE, messages, {"user"}, env.n_queries)
