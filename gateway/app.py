@@ -14,6 +14,7 @@ from starlette.routing import Route
 
 from gateway.config import Settings
 from gateway.errors import GatewayError, invalid
+from gateway.feedback import record_feedback
 from gateway.request import parse_chat_request
 from gateway.serving import Gateway, Served
 
@@ -21,8 +22,8 @@ log = logging.getLogger("iapo.app")
 CHUNK_CHARS = 48
 
 
-def create_app(settings: Settings) -> Starlette:
-    gateway = Gateway(settings)
+def create_app(settings: Settings, config_path: str | None = None) -> Starlette:
+    gateway = Gateway(settings, config_path)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -36,9 +37,9 @@ def create_app(settings: Settings) -> Starlette:
         start = time.perf_counter()
         gateway.metrics.in_flight.inc()
         try:
-            tier = gateway.resolve_tier(request.headers.get("authorization"))
-            req = parse_chat_request(await request.body(), settings.limits)
-            served = await gateway.chat(req, tier)
+            caller = gateway.resolve(request.headers.get("authorization"))
+            req = parse_chat_request(await request.body(), gateway.settings.limits)
+            served = await gateway.chat(req, caller)
         except GatewayError as err:
             return err.response()
         except Exception:
@@ -55,8 +56,9 @@ def create_app(settings: Settings) -> Starlette:
         return JSONResponse(served.body, headers=headers)
 
     async def models(request: Request) -> Response:
-        data = [{"id": r.model, "object": "model", "created": 0, "owned_by": "iapo"} for r in settings.routes]
-        data += [{"id": name, "object": "model", "created": 0, "owned_by": "upstream"} for name in settings.upstreams]
+        s = gateway.settings
+        data = [{"id": r.model, "object": "model", "created": 0, "owned_by": "iapo"} for r in s.routes]
+        data += [{"id": name, "object": "model", "created": 0, "owned_by": "upstream"} for name in s.upstreams]
         return JSONResponse({"object": "list", "data": data})
 
     async def healthz(request: Request) -> Response:
@@ -69,14 +71,14 @@ def create_app(settings: Settings) -> Starlette:
 
     async def feedback(request: Request) -> Response:
         try:
-            tier = gateway.resolve_tier(request.headers.get("authorization"))
+            caller = gateway.resolve(request.headers.get("authorization"))
             try:
                 payload = json.loads(await request.body())
             except ValueError:
                 raise invalid("We could not parse the JSON body of your request.", code="invalid_json") from None
             if not isinstance(payload, dict):
                 raise invalid("The request body must be a JSON object.", code="invalid_json")
-            return JSONResponse(await gateway.feedback(payload, tier))
+            return JSONResponse(await record_feedback(gateway, payload, caller))
         except GatewayError as err:
             return err.response()
 

@@ -17,7 +17,7 @@ def app_from_env():
     from gateway.app import create_app
     from gateway.config import load_config
 
-    return create_app(load_config())
+    return create_app(load_config(), os.environ.get("IAPO_CONFIG"))
 
 
 def cmd_serve(args) -> int:
@@ -68,7 +68,7 @@ routes: math (majority vote), assist (best-of-N); tiers low / mid / high (keys {
 metrics: {base}/metrics   models: {base}/v1/models   stop with Ctrl-C
 """, flush=True)
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning", access_log=False)
+        uvicorn.run(create_app(settings, path), host=args.host, port=args.port, log_level="warning", access_log=False)
     finally:
         replay.stop()
     return 0
@@ -134,10 +134,30 @@ def _arm(arm) -> str:
 
 
 def cmd_keys(args) -> int:
-    from gateway.config import hash_key
+    from gateway.config import hash_key, load_config
+    from store.database import open_database
+    from store.keys import KeyStore
 
-    print(hash_key(args.key))
-    return 0
+    if args.action == "hash":
+        print(hash_key(args.key))
+        return 0
+    settings = load_config(args.config)
+    keys = KeyStore(open_database(args.db or settings.store.path))
+    if args.action == "create":
+        if args.tier not in {t.name for t in settings.tiers}:
+            print(f"iapo: tier {args.tier!r} is not one of {[t.name for t in settings.tiers]}", file=sys.stderr)
+            return 2
+        key = keys.create(args.tier, args.name or "")
+        print(f"{key}\n(store it now: only its hash is kept; tier {args.tier})")
+        return 0
+    if args.action == "list":
+        for k in keys.list():
+            state = "revoked" if k["revoked"] else "active"
+            print(f"  {k['name'] or '-':16s} {k['tier']:10s} {state:8s} {k['hash'][:23]}…")
+        return 0
+    revoked = keys.revoke(args.key)
+    print(f"revoked {revoked} key(s)")
+    return 0 if revoked else 1
 
 
 def cmd_train(args) -> int:
@@ -194,9 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("version", type=int)
     p.set_defaults(func=cmd_policy)
 
-    p = sub.add_parser("keys", help="API key helpers")
+    p = sub.add_parser("keys", help="API keys: create, list, revoke (stored hashed), or hash one for the config")
+    p.add_argument("--config")
+    p.add_argument("--db")
     ks = p.add_subparsers(dest="action", required=True)
     s = ks.add_parser("hash", help="print the sha256 form to put under api_keys in the config")
+    s.add_argument("key")
+    s = ks.add_parser("create", help="create a key for a tier; prints it once")
+    s.add_argument("--tier", required=True)
+    s.add_argument("--name")
+    ks.add_parser("list")
+    s = ks.add_parser("revoke", help="revoke by name or hash prefix")
     s.add_argument("key")
     p.set_defaults(func=cmd_keys)
 

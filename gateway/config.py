@@ -1,7 +1,6 @@
 """Gateway configuration: one YAML file plus IAPO_* environment overrides (pydantic-settings)."""
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -9,6 +8,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from store.keys import hash_key  # noqa: F401  (re-exported: `iapo keys hash` and tests use it from here)
 
 
 class ConfigError(Exception):
@@ -132,12 +133,31 @@ class Route(Strict):
         return next(p for p in self.prompts if p.id == prompt_id)
 
 
+class CapLimit(Strict):
+    """A spend limit over one calendar window (UTC): dollars and/or tokens."""
+
+    dollars: float | None = Field(None, gt=0)
+    tokens: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _something(self) -> "CapLimit":
+        if self.dollars is None and self.tokens is None:
+            raise ValueError("a cap needs dollars and/or tokens")
+        return self
+
+
+Window = Literal["per_minute", "per_day", "per_month"]
+
+
 class Tier(Strict):
     name: str
     weights: dict[str, float] = Field(default_factory=dict)
     cost_weight: float = Field(0.0, ge=0)
     max_n: int | None = Field(None, ge=1)
     max_cost_per_request: float | None = Field(None, gt=0)
+    caps: dict[Window, CapLimit] = Field(default_factory=dict)  # for the whole tier
+    key_caps: dict[Window, CapLimit] = Field(default_factory=dict)  # for each API key of the tier
+    on_exhausted: Literal["reject", "degrade"] = "reject"
 
 
 class ApiKey(Strict):
@@ -175,10 +195,6 @@ class Limits(Strict):
     max_body_bytes: int = 1_000_000
     max_messages: int = 256
     max_tokens: int = 32_768
-
-
-def hash_key(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 class _YamlSource(PydanticBaseSettingsSource):

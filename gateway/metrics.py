@@ -32,3 +32,53 @@ class GatewayMetrics:
         self.failed_completions = Counter("iapo_failed_completions", "Completions lost to upstream failures", ["route", "tier"], registry=r)
         self.policy_version = Gauge("iapo_policy_version", "Serving policy version", registry=r)
         self.log_queue = Gauge("iapo_log_queue_depth", "Log records waiting for the writer", registry=r)
+        self.budget_rejections = Counter("iapo_budget_rejections", "Requests refused by a spend cap (429)",
+                                         ["tier", "cap"], registry=r)
+        self.budget_degradations = Counter("iapo_budget_degradations", "Requests served with fewer completions to fit a cap",
+                                           ["route", "tier"], registry=r)
+        self.config_reloads = Counter("iapo_config_reloads", "Config reload attempts", ["result"], registry=r)
+        self.config_ok = Gauge("iapo_config_last_reload_ok", "1 if the last config reload was accepted", registry=r)
+        self.config_ok.set(1)
+
+    def attach_ledger(self, ledger, settings) -> None:
+        """Spend and remaining budget gauges, read from the shared SQLite ledger at scrape time."""
+        self.registry.register(_SpendCollector(ledger, settings))
+
+
+class _SpendCollector:
+    """Same values from every worker process: the ledger is the source, not process memory."""
+
+    def __init__(self, ledger, settings) -> None:
+        self.ledger, self.settings = ledger, settings
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        spend = GaugeMetricFamily("iapo_spend_dollars", "Dollars spent in the current window",
+                                  labels=["scope", "name", "window"])
+        tokens = GaugeMetricFamily("iapo_spend_tokens", "Tokens spent in the current window",
+                                   labels=["scope", "name", "window"])
+        remaining = GaugeMetricFamily("iapo_budget_remaining_dollars", "Dollars left under a tier cap",
+                                      labels=["tier", "window"])
+        ratio = GaugeMetricFamily("iapo_budget_used_ratio", "Share of a tier cap used (dollars or tokens, the larger)",
+                                  labels=["tier", "window"])
+        current = {(r["scope"], r["window"]): r for r in self.ledger.current()}
+        for (scope, window), row in current.items():
+            kind, _, name = scope.partition(":")
+            if kind in ("tier", "explore"):  # per-key rows stay out of metrics: unbounded label values
+                spend.add_metric([kind, name, window], row["dollars"])
+                tokens.add_metric([kind, name, window], row["tokens"])
+        for tier in self.settings().tiers:
+            for window, limit in tier.caps.items():
+                row = current.get((f"tier:{tier.name}", window), {"dollars": 0.0, "tokens": 0})
+                used = []
+                if limit.dollars is not None:
+                    remaining.add_metric([tier.name, window], max(0.0, limit.dollars - row["dollars"]))
+                    used.append(row["dollars"] / limit.dollars)
+                if limit.tokens is not None:
+                    used.append(row["tokens"] / limit.tokens)
+                ratio.add_metric([tier.name, window], max(used))
+        yield from (spend, tokens, remaining, ratio)

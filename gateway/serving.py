@@ -5,6 +5,8 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
+import signal
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -12,20 +14,21 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
-from gateway.config import Route, Settings, Tier, hash_key
-from gateway.errors import GatewayError, invalid, not_found, unauthorized, upstream_failed
+from gateway.access import Access, Caller
+from gateway.config import ConfigError, Route, Settings, Tier, load_config
+from gateway.errors import GatewayError, invalid, not_found, upstream_failed
 from gateway.metrics import GatewayMetrics
 from gateway.request import ChatRequest
-from gateway.scorers import RouteScorer
-from gateway.upstream import Completion, UpstreamClient
-from policies.aggregate import AnswerExtractor, best_of_n, majority_vote
+from gateway.runtime import Runtime, prompt_version  # noqa: F401  (prompt_version re-exported)
+from gateway.upstream import Completion
+from policies.aggregate import best_of_n, majority_vote
 from policies.arms import Arm, Policy
 from policies.budget import clamp_n
-from policies.utility import answers_to_counts, mv_credit
 from store.database import open_database
+from store.keys import KeyStore
 from store.policy_store import PolicyStore
-from store.queries import completion_answers, find_request
-from store.writer import FeedbackLog, LogWriter, RequestLog
+from store.spend import BudgetExhausted, SpendLedger
+from store.writer import LogWriter, RequestLog
 
 log = logging.getLogger("iapo.gateway")
 DEFAULT_MAX_TOKENS = 1024
@@ -68,12 +71,6 @@ def render_messages(route: Route, prompt_id: str, messages: list[dict]) -> list[
     return out
 
 
-def prompt_version(route: Route, prompt_id: str) -> str:
-    """Content hash of a prompt (texts and decoding settings): served pulls are reusable only on a match."""
-    prompt = route.prompt(prompt_id)
-    return hashlib.sha256(json.dumps(prompt.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
-
-
 def merge_params(caller: dict, prompt_params: dict) -> dict:
     """The arm's decoding settings win; a caller's smaller max_tokens is honoured."""
     params = {**caller, **prompt_params}
@@ -84,48 +81,76 @@ def merge_params(caller: dict, prompt_params: dict) -> dict:
 
 
 class Gateway:
-    """The running gateway's state: config, upstream clients, current policy, writer, metrics."""
+    """The running gateway: the current Runtime (config-derived), policy, writer, ledger, metrics."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, config_path: str | None = None) -> None:
+        self.config_path = config_path
         self.metrics = GatewayMetrics()
         self.rng = np.random.default_rng(settings.seed)
-        self.key_to_tier = {k.hash: k.tier for k in settings.api_keys}
         self.policy = Policy()
-        self.upstreams: dict[str, UpstreamClient] = {}
-        self.extractors = {r.model: AnswerExtractor(r.extractor.pattern, r.extractor.normalize) for r in settings.routes}
+        self._initial = settings
+        self.rt: Runtime | None = None
         self.writer: LogWriter | None = None
-        self._watcher: asyncio.Task | None = None
-        self._trainer: asyncio.Task | None = None
-        self.prompt_versions = {(r.model, p.id): prompt_version(r, p.id) for r in settings.routes for p in r.prompts}
+        self._tasks: list[asyncio.Task] = []
+        self._config_mtime = _mtime(config_path)
+
+    @property
+    def settings(self) -> Settings:
+        return self.rt.settings if self.rt else self._initial
 
     async def start(self) -> None:
-        s = self.settings
-        for name, cfg in s.upstreams.items():
-            self.upstreams[name] = UpstreamClient(name, cfg)
-            self.upstreams[name].on_error = lambda up, kind: self.metrics.upstream_errors.labels(up, kind).inc()
-        for name, cfg in s.upstreams.items():
-            if cfg.fallback:
-                self.upstreams[name].fallback = self.upstreams[cfg.fallback]
+        s = self._initial
         self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
-        self.scorers = {r.model: RouteScorer(r, self.upstreams, self.http) for r in s.routes if r.aggregator == "bon"}
+        self.rt = Runtime.build(s, self.http, self.metrics)
         self.db = open_database(s.store.path)
         self.policies = PolicyStore(self.db)
+        self.ledger = SpendLedger(open_database(s.store.path))
+        self.access = Access(KeyStore(open_database(s.store.path)))
+        self.metrics.attach_ledger(self.ledger, lambda: self.settings)
         self.writer = LogWriter(s.store.path, max_queue=s.store.queue_size, batch_size=s.store.batch_size)
         self._reload_policy()
-        self._watcher = asyncio.create_task(self._watch_policy())
-        self._trainer = asyncio.create_task(self._train_periodically()) if s.train.interval_seconds else None
+        self._tasks.append(asyncio.create_task(self._watch()))
+        if s.train.interval_seconds:
+            self._tasks.append(asyncio.create_task(self._train_periodically()))
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
+        except (ValueError, RuntimeError, NotImplementedError):  # not the main thread (tests) or no SIGHUP
+            pass
 
     async def stop(self) -> None:
-        for task in (self._watcher, self._trainer):
-            if task:
-                task.cancel()
+        for task in self._tasks:
+            task.cancel()
         if self.writer:
             await asyncio.to_thread(self.writer.close)
         await self.http.aclose()
-        for upstream in self.upstreams.values():
-            await upstream.aclose()
+        await self.rt.aclose()
         self.db.conn.close()
+
+    def reload(self) -> bool:
+        """Re-read the config file; a valid one replaces the Runtime between requests, an invalid one is
+        refused (logged and counted) and the old one keeps serving."""
+        if not self.config_path:
+            return False
+        try:
+            settings = load_config(self.config_path)
+            if settings.store.path != self.settings.store.path:
+                raise ConfigError("store.path cannot change while serving; restart to move the store")
+            runtime = Runtime.build(settings, self.http, self.metrics)
+        except ConfigError as exc:
+            log.error("config reload rejected, keeping the running config: %s", exc)
+            self.metrics.config_reloads.labels("error").inc()
+            self.metrics.config_ok.set(0)
+            return False
+        old, self.rt = self.rt, runtime
+        self.key_cache_clear()
+        self.metrics.config_reloads.labels("ok").inc()
+        self.metrics.config_ok.set(1)
+        log.info("config reloaded from %s", self.config_path)
+        asyncio.get_running_loop().call_later(60, lambda: asyncio.ensure_future(old.aclose()))
+        return True
+
+    def key_cache_clear(self) -> None:
+        self.access._cache.clear()
 
     def _reload_policy(self) -> None:
         version = self.policies.latest_version()
@@ -134,15 +159,19 @@ class Gateway:
             log.info("serving policy version %d", version)
         self.metrics.policy_version.set(self.policy.version)
 
-    async def _watch_policy(self) -> None:
-        """Switch to a newly published policy between requests (a swap of one reference)."""
+    async def _watch(self) -> None:
+        """Between requests: switch to a newly published policy; reload a changed config file."""
         while True:
             await asyncio.sleep(self.settings.store.policy_poll_seconds)
             try:
                 self._reload_policy()
                 self.metrics.log_queue.set(self.writer.depth())
+                mtime = _mtime(self.config_path)
+                if mtime != self._config_mtime:
+                    self._config_mtime = mtime
+                    self.reload()
             except Exception:
-                log.exception("policy reload failed; keeping version %d", self.policy.version)
+                log.exception("watcher step failed; serving continues on policy version %d", self.policy.version)
 
     async def _train_periodically(self) -> None:
         """`train.interval_seconds`: re-learn every route in a worker thread; serving never waits on it."""
@@ -158,18 +187,11 @@ class Gateway:
                 log.exception("scheduled training failed; serving continues on version %d", self.policy.version)
 
     # -- resolution -------------------------------------------------------------------------
+    def resolve(self, authorization: str | None) -> Caller:
+        return self.access.resolve(authorization, self.rt)
+
     def resolve_tier(self, authorization: str | None) -> Tier:
-        """API key → tier; no key → default tier; an unknown key is refused when keys are configured."""
-        key = None
-        if authorization:
-            scheme, _, value = authorization.partition(" ")
-            key = value.strip() if scheme.lower() == "bearer" else authorization.strip()
-        if key and self.key_to_tier:
-            tier = self.key_to_tier.get(hash_key(key))
-            if tier is None:
-                raise unauthorized()
-            return self.settings.tier(tier)
-        return self.settings.tier(self.settings.default_tier_name)
+        return self.resolve(authorization).tier
 
     def arm_for(self, route: Route, tier: Tier) -> Arm:
         arm = self.policy.arm_for(route.model, tier.name)
@@ -179,30 +201,42 @@ class Gateway:
         return Arm(start.prompt, start.n) if start else Arm(route.prompts[0].id, 1)
 
     # -- serving ----------------------------------------------------------------------------
-    async def chat(self, req: ChatRequest, tier: Tier) -> Served:
-        route = self.settings.route(req.model)
+    async def chat(self, req: ChatRequest, caller: Caller) -> Served:
+        rt = self.rt  # one config for the whole request, even if a reload swaps it meanwhile
+        tier = caller.tier
+        route = rt.settings.route(req.model)
         if route is None:
-            if req.model in self.upstreams:
-                return await self.proxy(req, tier)
+            if req.model in rt.upstreams:
+                return await self.proxy(rt, req, tier)
             raise not_found(f"The model `{req.model}` does not exist or you do not have access to it.",
                             code="model_not_found", param="model")
         if req.n != 1:
             raise invalid(f"'n' must be 1 for the routed model `{route.model}`: the gateway chooses how many "
                           "completions to draw and returns the best one.", param="n")
-        return await self.serve_routed(req, route, tier)
+        return await self.serve_routed(rt, req, route, caller)
 
-    async def serve_routed(self, req: ChatRequest, route: Route, tier: Tier) -> Served:
+    async def serve_routed(self, rt: Runtime, req: ChatRequest, route: Route, caller: Caller) -> Served:
         start = time.perf_counter()
-        upstream = self.upstreams[route.upstream]
+        tier = caller.tier
+        upstream = rt.upstreams[route.upstream]
         arm = self.arm_for(route, tier)
         prompt = route.prompt(arm.prompt_id)
         params = merge_params(req.params, prompt.params)
         messages = render_messages(route, arm.prompt_id, req.messages)
-        prompt_chars = sum(len(str(m.get("content") or "")) for m in messages)
-        worst = upstream.price(prompt_chars // 4 + 1, int(params.get("max_tokens") or DEFAULT_MAX_TOKENS))
+        prompt_tokens = sum(len(str(m.get("content") or "")) for m in messages) // 3 + 8  # generous estimate
+        max_tokens = int(params.get("max_tokens") or DEFAULT_MAX_TOKENS)
+        worst = upstream.price(prompt_tokens, max_tokens)
         n = clamp_n(arm.n, route_n_max=route.n_max, tier_max_n=tier.max_n,
                     max_cost_per_request=tier.max_cost_per_request, worst_cost_per_completion=worst)
-        completions = await upstream.complete(messages, params, n)
+        reservation = self._reserve(rt, route, caller, n, worst, prompt_tokens + max_tokens)
+        n = reservation.n if reservation else n
+        completions: list[Completion] = []
+        try:
+            completions = await upstream.complete(messages, params, n)
+        finally:
+            if reservation:
+                self.ledger.settle(reservation, float(sum(c.cost for c in completions)),
+                                   sum(c.prompt_tokens + c.completion_tokens for c in completions))
         upstream_s = max((c.latency_s for c in completions), default=0.0)
         ok = [i for i, c in enumerate(completions) if not c.error]
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -210,7 +244,7 @@ class Gateway:
         record = {
             "id": request_id, "created": time.time(), "kind": "serve", "route": route.model, "tier": tier.name,
             "upstream": route.upstream, "policy_version": self.policy.version, "prompt_id": arm.prompt_id,
-            "prompt_version": self.prompt_versions[(route.model, arm.prompt_id)], "n": n,
+            "prompt_version": rt.prompt_versions[(route.model, arm.prompt_id)], "n": n,
             "aggregator": route.aggregator, "messages": json.dumps(req.messages, ensure_ascii=False),
             "query_key": query_key(req.messages), "failed": len(completions) - len(ok),
             "upstream_latency_s": upstream_s,
@@ -223,10 +257,10 @@ class Gateway:
             await self._log(record, completions, [None] * n, None)
             self.metrics.requests.labels(*labels, arm.prompt_id, str(n), "502").inc()
             raise upstream_failed(f"The upstream model failed for all {n} completions ({', '.join(kinds)}).")
-        chosen, answers, scores, info = await self._aggregate(route, tier, messages, completions, ok)
+        chosen, answers, scores, info = await self._aggregate(rt, route, tier, messages, completions, ok)
         usage = _usage(completions)
         cost = float(sum(c.cost for c in completions))
-        quality = self._observe_quality(route, tier, info, scores, chosen)
+        quality = self._observe_quality(rt, route, tier, info, scores, chosen)
         iapo = {
             "route": route.model, "tier": tier.name, "prompt_id": arm.prompt_id, "n": n,
             "aggregator": route.aggregator, "policy_version": self.policy.version, "failed": len(completions) - len(ok),
@@ -246,22 +280,37 @@ class Gateway:
         await self._log(record, completions, answers, scores)
         self._count(route.model, tier, arm, n, completions, usage, cost, record["latency_s"])
         if route.aggregator == "bon" and quality:
-            w = self._weights(route, tier)
+            w = rt.weights(route, tier)
             self.metrics.utility.labels(*labels).observe(
-                float(np.dot(w, [quality[o] for o in self.scorers[route.model].names])) - tier.cost_weight * cost)
+                float(np.dot(w, [quality[o] for o in rt.scorers[route.model].names])) - tier.cost_weight * cost)
         return Served(body=body, headers=headers, text=text, finish_reason=finish, upstream_s=upstream_s)
 
-    async def _aggregate(self, route, tier, messages, completions: list[Completion], ok: list[int]):
+    def _reserve(self, rt: Runtime, route: Route, caller: Caller, n: int, worst: float, tokens: int):
+        """Book the request's worst case under its tier's and key's caps: 429, or fewer completions."""
+        caps = rt.caps(caller.tier, caller.key_id)
+        if not caps:
+            return None
+        try:
+            reservation = self.ledger.reserve(caps, n, worst, tokens, allow_fewer=caller.tier.on_exhausted == "degrade")
+        except BudgetExhausted as exc:
+            self.metrics.budget_rejections.labels(caller.tier.name, f"{exc.cap.scope.split(':')[0]}:{exc.cap.window}").inc()
+            raise GatewayError(429, f"Budget exhausted: {exc}.", type="insufficient_quota", code="budget_exhausted",
+                               headers={"retry-after": str(max(1, int(exc.reset - time.time()) + 1))}) from None
+        if reservation.n < n:
+            self.metrics.budget_degradations.labels(route.model, caller.tier.name).inc()
+        return reservation
+
+    async def _aggregate(self, rt: Runtime, route, tier, messages, completions: list[Completion], ok: list[int]):
         """Chosen index, per-completion answers, per-completion scores (n, K) or None, vote/score info."""
         n = len(completions)
         if route.aggregator == "mv":
-            extract = self.extractors[route.model]
+            extract = rt.extractors[route.model]
             answers = [extract(c.text) if not c.error else None for c in completions]
             vote = majority_vote(answers, self.rng)
             chosen = vote.index if vote.answer is not None else ok[0]
             share = vote.vote_share * n / len(ok)
             return chosen, answers, None, {"answer": vote.answer, "tie_size": vote.tie_size, "vote_share": share}
-        scorer = self.scorers[route.model]
+        scorer = rt.scorers[route.model]
         texts = [completions[i].text or "" for i in ok]
         try:
             ok_scores = await scorer.score(messages, texts)
@@ -271,23 +320,17 @@ class Gateway:
             return ok[0], [None] * n, None, {"scoring_error": str(exc)[:200]}
         scores = np.full((n, len(scorer.names)), np.nan)
         scores[ok] = ok_scores
-        chosen = ok[best_of_n(ok_scores, self._weights(route, tier), self.rng)]
+        chosen = ok[best_of_n(ok_scores, rt.weights(route, tier), self.rng)]
         return chosen, [None] * n, scores, {}
 
-    def _weights(self, route: Route, tier: Tier) -> np.ndarray:
-        names = [o.name for o in route.objectives]
-        if not tier.weights:
-            return np.full(len(names), 1.0 / len(names))
-        return np.array([tier.weights.get(name, 0.0) for name in names])
-
-    def _observe_quality(self, route, tier, info, scores, chosen) -> dict:
+    def _observe_quality(self, rt: Runtime, route, tier, info, scores, chosen) -> dict:
         labels = (route.model, tier.name)
         if route.aggregator == "mv":
             self.metrics.quality.labels(*labels, "vote_share").observe(info["vote_share"])
             return {"vote_share": info["vote_share"]}
         if scores is None:
             return {}
-        values = {name: float(scores[chosen, k]) for k, name in enumerate(self.scorers[route.model].names)}
+        values = {name: float(scores[chosen, k]) for k, name in enumerate(rt.scorers[route.model].names)}
         for name, value in values.items():
             self.metrics.quality.labels(*labels, name).observe(value)
         return values
@@ -317,10 +360,10 @@ class Gateway:
         ]
         await self.writer.submit(RequestLog(record, rows))
 
-    async def proxy(self, req: ChatRequest, tier: Tier) -> Served:
+    async def proxy(self, rt: Runtime, req: ChatRequest, tier: Tier) -> Served:
         """A model naming an upstream: forwarded unchanged (the caller's n and params), logged and counted."""
         start = time.perf_counter()
-        upstream = self.upstreams[req.model]
+        upstream = rt.upstreams[req.model]
         completions = await upstream.complete(req.messages, req.params, req.n)
         ok = [i for i, c in enumerate(completions) if not c.error]
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -348,43 +391,11 @@ class Gateway:
         return Served(body=body, headers={}, text=first.text or "", finish_reason=first.finish_reason or "stop",
                       upstream_s=max(c.latency_s for c in completions))
 
-    # -- feedback ---------------------------------------------------------------------------
-    async def feedback(self, payload: dict, tier: Tier) -> dict:
-        request_id = payload.get("id") or payload.get("response_id")
-        if not isinstance(request_id, str) or not request_id:
-            raise invalid("Missing required parameter: 'id' (the response id to attach feedback to).", param="id",
-                          code="missing_required_parameter")
-        gold, score, objective = payload.get("gold"), payload.get("score"), payload.get("objective")
-        if gold is None and score is None:
-            raise invalid("Provide 'gold' (the correct answer) or 'score' (a number in [0, 1]).", param="gold",
-                          code="missing_required_parameter")
-        if gold is not None and not isinstance(gold, (str, int, float)):
-            raise invalid("Invalid type for 'gold': expected a string.", param="gold", code="invalid_type")
-        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
-            raise invalid("Invalid type for 'score': expected a number.", param="score", code="invalid_type")
-        row = await asyncio.to_thread(find_request, self.db, request_id)
-        if row is None:
-            await self.writer.aflush(timeout=5.0)
-            row = await asyncio.to_thread(find_request, self.db, request_id)
-        if row is None or row["tier"] != tier.name:
-            raise not_found(f"No response with id {request_id!r} was served to this caller.", param="id")
-        gold_text = None
-        if gold is not None:
-            route = self.settings.route(row["route"]) if row["route"] else None
-            extract = self.extractors.get(row["route"]) if route is not None else None
-            gold_text = (extract(f"Final answer: {gold}") if extract else None) or str(gold).strip()
-        await self.writer.submit(FeedbackLog({"request_id": request_id, "created": time.time(), "gold": gold_text,
-                                              "score": score, "objective": objective}))
-        result = {"id": request_id, "object": "feedback", "recorded": True}
-        if gold_text is not None and row["aggregator"] == "mv":
-            answers = await asyncio.to_thread(completion_answers, self.db, request_id)
-            credit = float(mv_credit(answers_to_counts(answers, gold_text)))
-            correct = row["chosen_answer"] == gold_text
-            self.metrics.accuracy.labels(row["route"], row["tier"], str(correct).lower()).inc()
-            self.metrics.utility.labels(row["route"], row["tier"]).observe(
-                credit - self.settings.tier(row["tier"]).cost_weight * (row["cost"] or 0.0))
-            result.update(correct=correct, credit=credit)
-        return result
+def _mtime(path: str | None) -> float | None:
+    try:
+        return os.stat(path).st_mtime if path else None
+    except OSError:
+        return None
 
 
 def _usage(completions: list[Completion]) -> dict:

@@ -19,7 +19,8 @@ import numpy as np
 
 from gateway.config import Route, Settings
 from gateway.scorers import RouteScorer
-from gateway.serving import DEFAULT_MAX_TOKENS, merge_params, prompt_version, render_messages
+from gateway.runtime import prompt_version
+from gateway.serving import DEFAULT_MAX_TOKENS, merge_params, render_messages
 from gateway.upstream import UpstreamClient
 from policies.aggregate import AnswerExtractor
 from policies.arms import Arm
@@ -27,6 +28,7 @@ from policies.psst import PSST, Context, Outcome, TopK
 from store.database import open_database, write_transaction
 from store.policy_store import PolicyEntry, PolicyStore
 from store.queries import served_pulls, training_queries
+from store.spend import SpendLedger
 from store.training_lock import TrainingLock, TrainingLockHeld
 
 log = logging.getLogger("iapo.train")
@@ -331,6 +333,8 @@ class RouteTrainer:
         with write_transaction(db):
             db["requests"].insert_all(requests)
             db["completions"].insert_all(completions)
+        SpendLedger(db).record(f"explore:{self.route.model}", ("per_day", "per_month"),
+                               sum(r["cost"] for r in requests), sum(r["prompt_tokens"] + r["completion_tokens"] for r in requests))
 
 
 def _num(x: float) -> float | None:

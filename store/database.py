@@ -42,6 +42,16 @@ SCHEMA = {
         },
         {"pk": ("version", "route", "tier")},
     ),
+    "spend": (
+        {"scope": str, "window": str, "window_start": float, "dollars": float, "tokens": int,
+         "reserved_dollars": float, "reserved_tokens": int},
+        {"pk": ("scope", "window", "window_start"), "defaults": {"dollars": 0.0, "tokens": 0,
+                                                                "reserved_dollars": 0.0, "reserved_tokens": 0}},
+    ),
+    "api_keys": (
+        {"hash": str, "tier": str, "name": str, "created": float, "revoked": float},
+        {"pk": "hash"},
+    ),
     "training_locks": (
         {"route": str, "run_id": str, "pid": int, "acquired": float},
         {"pk": "route"},

@@ -73,7 +73,7 @@ class RunningGateway:
         self.config_path.write_text(yaml.safe_dump(config))
         self.settings = load_config(self.config_path)
         self.db_path = self.settings.store.path
-        self.app = create_app(self.settings)
+        self.app = create_app(self.settings, str(self.config_path))
         self.server = ServerThread(self.app).start()
         self.url = self.server.url
 
