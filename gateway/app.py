@@ -6,7 +6,7 @@ import json
 import logging
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -32,6 +32,7 @@ def create_app(settings: Settings, config_path: str | None = None) -> Starlette:
             yield
         finally:
             await gateway.stop()
+            gateway.metrics.worker_exited()
 
     async def chat_completions(request: Request) -> Response:
         start = time.perf_counter()
@@ -67,7 +68,7 @@ def create_app(settings: Settings, config_path: str | None = None) -> Starlette:
 
     async def metrics(request: Request) -> Response:
         gateway.metrics.log_queue.set(gateway.writer.depth() if gateway.writer else 0)
-        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def feedback(request: Request) -> Response:
         try:

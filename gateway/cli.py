@@ -27,6 +27,9 @@ def cmd_serve(args) -> int:
 
     if args.config:
         os.environ["IAPO_CONFIG"] = os.path.abspath(args.config)
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # several processes: metrics go through prometheus-client's multiprocess files
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="iapo-metrics-")
     try:
         load_config()  # fail fast with a message naming the field
     except ConfigError as exc:

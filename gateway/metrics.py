@@ -1,7 +1,11 @@
 """Prometheus metrics of the gateway (own registry; bounded labels: no ids, keys or caller strings)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+import os
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Summary, disable_created_metrics,
+                               generate_latest)
+from prometheus_client import multiprocess
 
 disable_created_metrics()
 
@@ -21,28 +25,49 @@ class GatewayMetrics:
         self.quality = Histogram("iapo_quality", "Chosen completion's quality per objective (MV: vote share)",
                                  ["route", "tier", "objective"], buckets=QUALITY_BUCKETS, registry=r)
         self.accuracy = Counter("iapo_feedback_correct", "MV answers judged by gold feedback", ["route", "tier", "correct"], registry=r)
-        self.utility = Histogram("iapo_utility", "Utility of served requests (quality − λ·cost)", ["route", "tier"],
-                                 buckets=(-1, -0.5, -0.2, 0, 0.2, 0.4, 0.6, 0.8, 1.0), registry=r)
+        # a Summary: utilities can be negative, and a histogram with negative buckets exports no _sum
+        self.utility = Summary("iapo_utility", "Utility of served requests (quality - cost weight x cost)",
+                               ["route", "tier"], registry=r)
         self.latency = Histogram("iapo_request_duration_seconds", "End-to-end request latency", ["route", "tier"],
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_latency = Histogram("iapo_upstream_duration_seconds", "Upstream call latency", ["upstream"],
                                           buckets=LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge("iapo_in_flight_requests", "Requests being served", registry=r)
+        self.in_flight = Gauge("iapo_in_flight_requests", "Requests being served", registry=r,
+                               multiprocess_mode="livesum")
         self.upstream_errors = Counter("iapo_upstream_errors", "Upstream call failures", ["upstream", "kind"], registry=r)
         self.failed_completions = Counter("iapo_failed_completions", "Completions lost to upstream failures", ["route", "tier"], registry=r)
-        self.policy_version = Gauge("iapo_policy_version", "Serving policy version", registry=r)
-        self.log_queue = Gauge("iapo_log_queue_depth", "Log records waiting for the writer", registry=r)
+        self.policy_version = Gauge("iapo_policy_version", "Serving policy version", registry=r, multiprocess_mode="max")
+        self.log_queue = Gauge("iapo_log_queue_depth", "Log records waiting for the writer", registry=r,
+                               multiprocess_mode="livesum")
         self.budget_rejections = Counter("iapo_budget_rejections", "Requests refused by a spend cap (429)",
                                          ["tier", "cap"], registry=r)
         self.budget_degradations = Counter("iapo_budget_degradations", "Requests served with fewer completions to fit a cap",
                                            ["route", "tier"], registry=r)
         self.config_reloads = Counter("iapo_config_reloads", "Config reload attempts", ["result"], registry=r)
-        self.config_ok = Gauge("iapo_config_last_reload_ok", "1 if the last config reload was accepted", registry=r)
+        self.config_ok = Gauge("iapo_config_last_reload_ok", "1 if the last config reload was accepted", registry=r,
+                               multiprocess_mode="min")
         self.config_ok.set(1)
 
     def attach_ledger(self, ledger, settings) -> None:
         """Spend and remaining budget gauges, read from the shared SQLite ledger at scrape time."""
-        self.registry.register(_SpendCollector(ledger, settings))
+        self._spend = _SpendCollector(ledger, settings)
+        self.registry.register(self._spend)
+
+    def render(self) -> bytes:
+        """Prometheus text. With several workers (PROMETHEUS_MULTIPROC_DIR set) every scrape merges all
+        workers' files, so counters are the same whichever worker answers."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        if getattr(self, "_spend", None) is not None:
+            merged.register(self._spend)
+        return generate_latest(merged)
+
+    @staticmethod
+    def worker_exited() -> None:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            multiprocess.mark_process_dead(os.getpid())
 
 
 class _SpendCollector:

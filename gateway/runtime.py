@@ -11,7 +11,7 @@ import numpy as np
 from gateway.config import Route, Settings, Tier
 from gateway.metrics import GatewayMetrics
 from gateway.scorers import RouteScorer
-from gateway.upstream import UpstreamClient
+from gateway.upstream import UPSTREAM_ERROR_KINDS, UpstreamClient
 from policies.aggregate import AnswerExtractor
 from policies.budget import Cap
 
@@ -36,6 +36,8 @@ class Runtime:
         upstreams = {name: UpstreamClient(name, cfg) for name, cfg in settings.upstreams.items()}
         for name, cfg in settings.upstreams.items():
             upstreams[name].on_error = lambda up, kind: metrics.upstream_errors.labels(up, kind).inc()
+            for kind in UPSTREAM_ERROR_KINDS:  # export zeros, so rates and alerts exist before the first error
+                metrics.upstream_errors.labels(name, kind)
             if cfg.fallback:
                 upstreams[name].fallback = upstreams[cfg.fallback]
         return cls(

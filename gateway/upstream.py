@@ -54,6 +54,7 @@ class UpstreamError(Exception):
 
 
 RETRYABLE = {"rate_limit", "server", "connection", "timeout"}
+UPSTREAM_ERROR_KINDS = ("rate_limit", "server", "connection", "timeout", "bad_request", "auth", "other")
 
 
 def classify(exc: Exception) -> UpstreamError:
