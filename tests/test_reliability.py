@@ -125,3 +125,27 @@ def test_killed_training_run_leaves_serving_untouched_and_restarts_cleanly(tmp_p
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_sighup_reloads_the_config_in_a_running_process(tmp_path, replay, math_env):
+    config = write_config(tmp_path, replay, math_env)
+    data = yaml.safe_load(open(config))
+    data["store"]["policy_poll_seconds"] = 3600  # only the signal can trigger the reload
+    open(config, "w").write(yaml.safe_dump(data))
+    port = free_port()
+    proc = start_gateway(config, port)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    body = {"model": "math", "messages": [{"role": "user", "content": problem_text(2)}]}
+    try:
+        assert httpx.post(url, json=body).headers["x-iapo-n"] == "4"
+        data["routes"][0]["start"] = {"default": {"prompt": "p4", "n": 7}}
+        open(config, "w").write(yaml.safe_dump(data))
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while httpx.post(url, json=body).headers["x-iapo-n"] != "7":
+            assert time.monotonic() < deadline, "SIGHUP did not reload the config"
+            time.sleep(0.1)
+        assert proc.poll() is None  # still serving: SIGHUP did not end the process
+    finally:
+        proc.terminate()
+        proc.wait(30)
