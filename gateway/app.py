@@ -15,6 +15,7 @@ from starlette.routing import Route
 from gateway.config import Settings
 from gateway.errors import GatewayError, invalid
 from gateway.feedback import record_feedback
+from gateway.openapi import openapi_document
 from gateway.request import parse_chat_request
 from gateway.serving import Gateway, Served
 
@@ -83,8 +84,12 @@ def create_app(settings: Settings, config_path: str | None = None) -> Starlette:
         except GatewayError as err:
             return err.response()
 
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document())
+
     app = Starlette(
         routes=[
+            Route("/openapi.json", openapi, methods=["GET"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
@@ -95,7 +100,22 @@ def create_app(settings: Settings, config_path: str | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.gateway = gateway
-    return app
+    return HeaderLimit(app, lambda: gateway.settings.limits.max_header_bytes)
+
+
+class HeaderLimit:
+    """ASGI middleware: requests whose headers exceed the limit get a 431 before any work is done."""
+
+    def __init__(self, app, limit) -> None:
+        self.app, self.limit = app, limit
+        self.state = app.state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and sum(len(k) + len(v) for k, v in scope["headers"]) > self.limit():
+            response = GatewayError(431, "Request headers are too large.", code="headers_too_large").response()
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 async def _sse(served: Served, include_usage: bool):

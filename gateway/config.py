@@ -193,6 +193,7 @@ class TrainConfig(Strict):
 
 class Limits(Strict):
     max_body_bytes: int = 1_000_000
+    max_header_bytes: int = 32_768
     max_messages: int = 256
     max_tokens: int = 32_768
 

@@ -72,6 +72,7 @@ def parse_chat_request(raw: bytes, limits: Limits) -> ChatRequest:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v > limits.max_tokens:
                 raise invalid(f"Invalid value for '{name}': expected an integer from 1 to {limits.max_tokens}.",
                               param=name)
+    _check_passthrough(params)
     options = body.get("stream_options") or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     return ChatRequest(model=model, messages=messages, stream=stream, n=n, params=params, include_usage=include_usage)
@@ -82,7 +83,7 @@ def _check_message(i: int, m: Any) -> None:
         raise invalid(f"Invalid type for 'messages[{i}]': expected an object.", param=f"messages[{i}]",
                       code="invalid_type")
     role = m.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise invalid(f"Invalid value for 'messages[{i}].role': expected one of {sorted(ROLES)}.",
                       param=f"messages[{i}].role")
     content = m.get("content")
@@ -97,3 +98,19 @@ def _check_message(i: int, m: Any) -> None:
             if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                 raise invalid(f"Invalid type for 'messages[{i}].content[{j}]': expected an object with a type.",
                               param=f"messages[{i}].content[{j}]", code="invalid_type")
+
+
+def _check_passthrough(params: dict) -> None:
+    """Types of the parameters passed on to the upstream, so a bad one is a 400 here, not an upstream 5xx."""
+    stop = params.get("stop")
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= 4
+                                                            and all(isinstance(s, str) for s in stop))):
+        raise invalid("Invalid value for 'stop': expected a string or up to 4 strings.", param="stop")
+    checks = {"seed": int, "user": str, "response_format": dict, "logit_bias": dict, "tools": list}
+    for name, kind in checks.items():
+        value = params.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            raise invalid(f"Invalid type for '{name}': expected {kind.__name__}.", param=name, code="invalid_type")
+    choice = params.get("tool_choice")
+    if choice is not None and not isinstance(choice, (str, dict)):
+        raise invalid("Invalid type for 'tool_choice'.", param="tool_choice", code="invalid_type")

@@ -252,10 +252,14 @@ class Gateway:
         self.metrics.upstream_latency.labels(route.upstream).observe(upstream_s)
         if not ok:
             kinds = sorted({c.error_kind or "other" for c in completions})
-            record.update(status=502, error=f"all {n} upstream completions failed ({', '.join(kinds)})",
+            status = 400 if kinds == ["bad_request"] else 502
+            record.update(status=status, error=f"all {n} upstream completions failed ({', '.join(kinds)})",
                           latency_s=time.perf_counter() - start)
             await self._log(record, completions, [None] * n, None)
-            self.metrics.requests.labels(*labels, arm.prompt_id, str(n), "502").inc()
+            self.metrics.requests.labels(*labels, arm.prompt_id, str(n), str(status)).inc()
+            if status == 400:  # the upstream refused the request itself: the caller's to fix, not a gateway fault
+                raise GatewayError(400, f"The upstream model rejected the request: {completions[0].error}",
+                                   code="upstream_rejected")
             raise upstream_failed(f"The upstream model failed for all {n} completions ({', '.join(kinds)}).")
         chosen, answers, scores, info = await self._aggregate(rt, route, tier, messages, completions, ok)
         usage = _usage(completions)
@@ -379,6 +383,9 @@ class Gateway:
         self._count(f"upstream:{req.model}", tier, Arm("passthrough", req.n), req.n, completions, usage, cost,
                     record["latency_s"])
         if not ok:
+            if all(c.error_kind == "bad_request" for c in completions):
+                raise GatewayError(400, f"The upstream model rejected the request: {completions[0].error}",
+                                   code="upstream_rejected")
             raise upstream_failed(f"The upstream model failed: {completions[0].error}")
         body = {
             "id": request_id, "object": "chat.completion", "created": int(record["created"]), "model": req.model,
