@@ -89,11 +89,13 @@ def warm_up(gw, math_env, with_feedback=True):
     gw.gateway.writer.flush()
 
 
-def test_train_publishes_and_the_gateway_serves_the_better_arm(loop, math_env, synthetic_envs):
-    fresh = list(range(200, 316))  # never used for training
-    before = {t["name"]: mv_utility(serve(loop, t["name"], "math", fresh), math_env, fresh, t["cost_weight"]) for t in TIERS}
+def test_train_publishes_and_the_gateway_serves_the_better_arm(loop, start_gateway, replay, math_env, synthetic_envs):
+    # "before" is measured on a twin gateway with its own store, so the fresh queries never reach training
+    twin = start_gateway(loop_config(replay, math_env, synthetic_envs["replay-bon"]), name="twin")
+    fresh = list(range(200, 316))
+    before = {t["name"]: mv_utility(serve(twin, t["name"], "math", fresh), math_env, fresh, t["cost_weight"]) for t in TIERS}
     bon_fresh = list(range(100, 150))
-    bon_before = {t["name"]: bon_utility(serve(loop, t["name"], "assist", bon_fresh),
+    bon_before = {t["name"]: bon_utility(serve(twin, t["name"], "assist", bon_fresh),
                                          (t["weights"]["helpful"], t["weights"]["harmless"]), t["cost_weight"]) for t in TIERS}
     warm_up(loop, math_env)
     serve(loop, "low", "assist", range(0, 60))
@@ -106,6 +108,7 @@ def test_train_publishes_and_the_gateway_serves_the_better_arm(loop, math_env, s
         print(summary(r))
     math_report, bon_report = reports
     assert math_report.status == bon_report.status == "published"
+    assert math_report.queries == 120 and bon_report.queries == 60  # only the warm-up traffic of this gateway
     assert math_report.completions <= 3000 and bon_report.completions <= 3000
     assert math_report.saved_completions > 0  # served requests on training queries were reused
     wait_for_version(loop, bon_report.version)
@@ -127,6 +130,9 @@ def test_train_publishes_and_the_gateway_serves_the_better_arm(loop, math_env, s
     assert explored[2] == pytest.approx(math_report.dollars)
     assert db.execute("select count(*) from completions c join requests r on r.id = c.request_id "
                       "where r.run_id = ?", [math_report.run_id]).fetchone()[0] == math_report.completions
+    explore = [line for line in httpx.get(f"{loop.url}/metrics").text.splitlines()
+               if line.startswith('iapo_spend_dollars{') and 'scope="explore"' in line and 'per_day' in line]
+    assert sum(float(line.split()[-1]) for line in explore) == pytest.approx(math_report.dollars + bon_report.dollars)
 
 
 def test_caps_are_exact_and_partial_runs_do_not_publish(loop, math_env):
