@@ -9,7 +9,7 @@ from typing import Protocol
 import httpx
 import numpy as np
 
-from gateway.config import Objective, Route, Scorer
+from gateway.config import Route, Scorer
 from gateway.upstream import UpstreamClient
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

@@ -19,7 +19,7 @@ from gateway.config import ConfigError, Route, Settings, Tier, load_config
 from gateway.errors import GatewayError, invalid, not_found, upstream_failed
 from gateway.metrics import GatewayMetrics
 from gateway.request import ChatRequest
-from gateway.runtime import Runtime, prompt_version  # noqa: F401  (prompt_version re-exported)
+from gateway.runtime import Runtime
 from gateway.upstream import Completion
 from policies.aggregate import best_of_n, majority_vote
 from policies.arms import Arm, Policy

@@ -105,3 +105,28 @@ def start_gateway(tmp_path):
     yield start
     for gw in running:
         gw.stop()
+
+
+def serve_process(config: str, port: int, *args: str, env: dict | None = None, stdout=None):
+    """`iapo serve` as its own process (real signals, real workers); returns once /healthz answers."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    base = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    base["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", config, "--port", str(port), *args],
+                            env={**base, **(env or {})}, stdout=stdout or subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT if stdout else subprocess.PIPE)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, \
+            (proc.stderr.read().decode()[-2000:] if proc.stderr else "gateway did not start")
+        time.sleep(0.2)

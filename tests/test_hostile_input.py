@@ -3,10 +3,8 @@ run against the gateway's own OpenAPI document: always a 4xx with an OpenAI-styl
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from collections import Counter
 
 import httpx
@@ -118,10 +116,9 @@ def test_limits_on_messages_max_tokens_and_headers(start_gateway, replay, math_e
 
 def test_keys_never_reach_logs_store_or_metrics(tmp_path, replay, math_env):
     """A subprocess gateway with request logging on: grep its log, the SQLite file and /metrics."""
-    import time
-
     import yaml
 
+    from conftest import serve_process
     from gateway.servers import free_port
 
     key = "sk-very-secret-key-0123456789"
@@ -132,21 +129,11 @@ def test_keys_never_reach_logs_store_or_metrics(tmp_path, replay, math_env):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     port = free_port()
     upstream_secret = "upstream-secret-abcdef"
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "IAPO_TEST_UPSTREAM_KEY": upstream_secret}
     log = open(tmp_path / "gateway.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(tmp_path / "c.yaml"),
-                             "--port", str(port), "--log-level", "debug"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = serve_process(str(tmp_path / "c.yaml"), port, "--log-level", "debug",
+                         env={"IAPO_TEST_UPSTREAM_KEY": upstream_secret}, stdout=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
         for i in range(5):
             r = httpx.post(f"{url}/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
                            json={"model": "math", "messages": [{"role": "user", "content": f"Problem {i}: x"}]})

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config import hash_key
 from gateway.demo import replay_route, replay_upstream
 from gateway.replay import problem_text
+from conftest import serve_process
 from gateway.servers import free_port
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -135,22 +135,9 @@ def test_two_workers_report_consistent_counters(tmp_path, replay, math_env, synt
     cfg["store"] = {"path": str(tmp_path / "iapo.db")}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(tmp_path / "c.yaml"),
-                             "--port", str(port), "--workers", "2"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = serve_process(str(tmp_path / "c.yaml"), port, "--workers", "2")
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
-            time.sleep(0.3)
         sent = 0
         for q in range(30):
             # a fresh connection per request, so both workers take some

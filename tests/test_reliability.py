@@ -36,17 +36,9 @@ def write_config(tmp_path, replay, math_env, **train) -> str:
 
 
 def start_gateway(config: str, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", config, "--port", str(port)],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.2)
+    from conftest import serve_process
+
+    return serve_process(config, port)
 
 
 def test_sigterm_drains_in_flight_requests_and_flushes_the_log(tmp_path, replay, math_env, reset_faults):
