@@ -111,7 +111,7 @@ def test_real_prometheus_scrapes_spend_and_quality(start_gateway, replay, math_e
         def query(q: str) -> float | None:
             try:
                 data = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": q}, timeout=5).json()
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):  # not up yet, or a plain-text "not ready" answer
                 return None
             result = data.get("data", {}).get("result", [])
             return float(result[0]["value"][1]) if result else None
