@@ -130,7 +130,9 @@ def test_majority_vote_serves_the_replay_majority(gw, math_env):
     credit = mv_vote_credit(math_env.answer_probs[4], math_env.gold, 9)[:, 8]
     probs = math_env.answer_probs[4]
     sure = [x for x in range(math_env.n_queries) if credit[x] > 0.999][:6]
-    wrong_sure = [x for x in range(math_env.n_queries) if probs[x].max() > 0.9 and probs[x].argmax() != math_env.gold[x]][:2]
+    leader = probs.argmax(axis=1)
+    leader_wins = mv_vote_credit(probs, leader, 9)[:, 8]  # the vote's chance to pick the likeliest class
+    wrong_sure = [x for x in range(math_env.n_queries) if leader_wins[x] > 0.999 and leader[x] != math_env.gold[x]][:2]
     client = gw.client(KEYS["low"])
     for x in sure + wrong_sure:
         resp = client.chat.completions.create(model="math", messages=ask(x))
