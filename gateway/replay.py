@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from policies.environments import BoNEnvironment, MVEnvironment
@@ -38,6 +38,9 @@ class Faults:
     latency_ms: float = 0.0
     spike_rate: float = 0.0
     spike_ms: float = 0.0
+    drop_rate: float = 0.0  # the connection closes mid-body (declared length never arrives)
+    slow_rate: float = 0.0  # the body trickles out over slow_ms
+    slow_ms: float = 0.0
 
 
 def problem_text(x: int) -> str:
@@ -55,6 +58,25 @@ def _index(pattern: re.Pattern, messages: list[dict], roles: set[str], size: int
             if match:
                 return int(match.group(1)) % size
     return None
+
+
+def _deliver(payload: dict, faults: Faults, rng: np.random.Generator) -> Response:
+    """The answer, or a dropped or trickling one when those faults are switched on."""
+    data = json.dumps(payload).encode()
+    if faults.drop_rate and rng.random() < faults.drop_rate:
+        # declare the full length, send half: the server closes the connection mid-body
+        return Response(data[: len(data) // 2], media_type="application/json",
+                        headers={"content-length": str(len(data))})
+    if faults.slow_rate and rng.random() < faults.slow_rate:
+        pieces = 10
+
+        async def trickle():
+            step = max(1, len(data) // pieces)
+            for i in range(0, len(data), step):
+                await asyncio.sleep(faults.slow_ms / 1000 / pieces)
+                yield data[i:i + step]
+        return StreamingResponse(trickle(), media_type="application/json")
+    return Response(data, media_type="application/json")
 
 
 def create_replay_app(envs: dict[str, MVEnvironment | BoNEnvironment], seed: int = 0) -> Starlette:
@@ -98,14 +120,15 @@ def create_replay_app(envs: dict[str, MVEnvironment | BoNEnvironment], seed: int
         per_choice = min(tokens, max_tokens) if max_tokens is not None else tokens
         prompt_tokens = sum(len(str(m.get("content") or "")) for m in messages) // 4 + 1
         counters["completions"] += n
-        return JSONResponse({
+        payload = {
             "id": f"replay-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
             "model": model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": finish}
                         for i, t in enumerate(texts)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": per_choice * n,
                       "total_tokens": prompt_tokens + per_choice * n},
-        })
+        }
+        return _deliver(payload, faults, rng)
 
     async def score(request: Request) -> Response:
         env = envs.get(request.path_params["model"])

@@ -64,8 +64,8 @@ def classify(exc: Exception) -> UpstreamError:
         kind = "timeout"
     elif status == 429 or isinstance(exc, litellm.exceptions.RateLimitError):
         kind = "rate_limit"
-    elif isinstance(exc, litellm.exceptions.APIConnectionError) and not status:
-        kind = "connection"
+    elif (isinstance(exc, litellm.exceptions.APIConnectionError) and not status) or "connection error" in str(exc).lower():
+        kind = "connection"  # litellm reports a refused connection as a 500 "Connection error."
     elif status is not None and status >= 500:
         kind = "server"
     elif status in (400, 404, 422):
@@ -113,7 +113,9 @@ class UpstreamClient:
             start = time.monotonic()
             try:
                 async with self._slots:
-                    response = await self._send(messages, params, n, max(0.1, deadline - start))
+                    left = max(0.1, deadline - time.monotonic())
+                    # a total deadline: client timeouts are per read, and a trickling body never trips them
+                    response = await asyncio.wait_for(self._send(messages, params, n, left), timeout=left)
                 return response, time.monotonic() - start
             except Exception as exc:  # transports raise many types; classify once
                 err = exc if isinstance(exc, UpstreamError) else classify(exc)

@@ -55,7 +55,8 @@ def reset_faults(replay):
 
     yield
     httpx.post(f"{replay.url}/admin/faults", json={"error_rate": 0.0, "latency_ms": 0.0, "spike_rate": 0.0,
-                                                      "retry_after": None, "error_status": 500})
+                                                      "retry_after": None, "error_status": 500, "drop_rate": 0.0,
+                                                      "slow_rate": 0.0, "slow_ms": 0.0})
 
 
 class RunningGateway:

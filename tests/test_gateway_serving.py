@@ -296,3 +296,32 @@ def test_openai_transport_serves_the_same_contract(start_gateway, replay, math_e
     httpx.post(f"{replay.url}/admin/faults", json={"error_rate": 1.0, "error_status": 429, "retry_after": 0.01})
     r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "math", "messages": ask(1)})
     assert r.status_code == 502 and "rate_limit" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("transport", ["litellm", "openai"])
+def test_dropped_and_slow_upstream_responses_are_retried(start_gateway, replay, math_env, synthetic_envs,
+                                                        reset_faults, transport):
+    cfg = config(replay, math_env, synthetic_envs)
+    cfg["upstreams"]["replay-math"].update(transport=transport, retries=3, timeout=5)
+    gw = start_gateway(cfg)
+    httpx.post(f"{replay.url}/admin/faults", json={"drop_rate": 0.3, "slow_rate": 0.2, "slow_ms": 300})
+    client = gw.client(KEYS["low"])
+    for q in range(12):
+        resp = client.chat.completions.create(model="math", messages=ask(q))
+        assert resp.model_extra["iapo"]["failed"] == 0
+    m = metrics(gw.url)
+    assert value(m, "iapo_upstream_errors_total", upstream="replay-math") > 0  # drops happened and were retried
+    httpx.post(f"{replay.url}/admin/faults", json={"drop_rate": 0.0, "slow_rate": 1.0, "slow_ms": 8000})
+    r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "math", "messages": ask(1)}, timeout=30)
+    assert r.status_code == 502 and "timeout" in r.json()["error"]["message"]  # too slow: a clear error
+
+
+def test_fallback_upstream_serves_when_the_primary_is_down(start_gateway, replay, math_env, synthetic_envs):
+    cfg = config(replay, math_env, synthetic_envs)
+    dead = replay_upstream("http://127.0.0.1:9", "replay-math", retries=1, fallback="replay-math")
+    cfg["upstreams"]["primary"] = dead
+    cfg["routes"][0]["upstream"] = "primary"
+    gw = start_gateway(cfg)
+    resp = gw.client(KEYS["low"]).chat.completions.create(model="math", messages=ask(4))
+    assert resp.model_extra["iapo"]["failed"] == 0 and resp.usage.completion_tokens > 0
+    assert value(metrics(gw.url), "iapo_upstream_errors_total", upstream="primary", kind="connection") >= 1
