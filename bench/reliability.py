@@ -97,6 +97,10 @@ def main() -> None:
          dict(mix=True, faults={"error_rate": 0.1, "error_status": 429, "retry_after": 0.05}), "retried; no loss"),
         ("fault: 5% latency spikes of 2 s", f"{base} --mix --faults '{{\"spike_rate\": 0.05, \"spike_ms\": 2000}}'",
          dict(mix=True, faults={"spike_rate": 0.05, "spike_ms": 2000}), "no loss"),
+        ("fault: 10% connections dropped mid-body", f"{base} --mix --faults '{{\"drop_rate\": 0.1}}'",
+         dict(mix=True, faults={"drop_rate": 0.1}), "retried; no loss"),
+        ("fault: 10% slow bodies (trickled over 1.5 s)", f"{base} --mix --faults '{{\"slow_rate\": 0.1, \"slow_ms\": 1500}}'",
+         dict(mix=True, faults={"slow_rate": 0.1, "slow_ms": 1500}), "no loss"),
         ("fault: 60% upstream 500s (beyond retries)", f"{base} --mix --faults '{{\"error_rate\": 0.6}}'",
          dict(mix=True, faults={"error_rate": 0.6}), "clear 502s; no loss"),
     ]
