@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
 import signal
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 import numpy as np
@@ -18,6 +17,7 @@ from gateway.access import Access, Caller
 from gateway.config import ConfigError, Route, Settings, Tier, load_config
 from gateway.errors import GatewayError, invalid, not_found, upstream_failed
 from gateway.metrics import GatewayMetrics
+from gateway.prompting import merge_params, query_key, render_messages
 from gateway.request import ChatRequest
 from gateway.runtime import Runtime
 from gateway.upstream import Completion
@@ -43,41 +43,6 @@ class Served:
     text: str = ""
     finish_reason: str = "stop"
     upstream_s: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-
-def query_key(messages: list[dict]) -> str:
-    """Stable identity of a caller's query (its messages), for deduplicating training queries."""
-    return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
-
-
-def render_messages(route: Route, prompt_id: str, messages: list[dict]) -> list[dict]:
-    """Apply a prompt: its system text first, its instruction appended to the last user message.
-
-    User content is only concatenated, never formatted, so it cannot inject template syntax.
-    """
-    prompt = route.prompt(prompt_id)
-    out = [dict(m) for m in messages]
-    if prompt.instruction:
-        last_user = max((i for i, m in enumerate(out) if m.get("role") == "user"), default=None)
-        if last_user is not None:
-            content = out[last_user].get("content")
-            if isinstance(content, list):
-                out[last_user]["content"] = content + [{"type": "text", "text": prompt.instruction}]
-            else:
-                out[last_user]["content"] = f"{content or ''}\n\n{prompt.instruction}"
-    if prompt.system:
-        out.insert(0, {"role": "system", "content": prompt.system})
-    return out
-
-
-def merge_params(caller: dict, prompt_params: dict) -> dict:
-    """The arm's decoding settings win; a caller's smaller max_tokens is honoured."""
-    params = {**caller, **prompt_params}
-    for name in ("max_tokens", "max_completion_tokens"):
-        if name in caller and name in prompt_params:
-            params[name] = min(caller[name], prompt_params[name])
-    return params
 
 
 class Gateway:

@@ -20,7 +20,8 @@ import numpy as np
 from gateway.config import Route, Settings
 from gateway.scorers import RouteScorer
 from gateway.runtime import prompt_version
-from gateway.serving import DEFAULT_MAX_TOKENS, merge_params, render_messages
+from gateway.prompting import merge_params, render_messages
+from gateway.serving import DEFAULT_MAX_TOKENS
 from gateway.upstream import UpstreamClient
 from policies.aggregate import AnswerExtractor
 from policies.arms import Arm
