@@ -114,15 +114,62 @@ def main() -> None:
             "max_spent": int(max(r["spent"] for r in results)),
         })
     report = {"runs": args.runs, "budgets": budgets, "wall_s": round(time.time() - start, 1),
-              "psst_bookkeeping_s_T20K_math": bookkeeping_time() if "math" in envs else None, "rows": rows}
+              "psst_bookkeeping_s_T20K_math": bookkeeping_time() if "math" in envs else None, "rows": rows,
+              "paired": paired(outcomes, envs, budgets)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     plot(rows, envs, algos, Path(args.out).with_suffix(".png"))
-    table = markdown(rows, envs, algos, budgets)
+    table = markdown(rows, envs, algos, budgets) + paired_markdown(report["paired"], envs, budgets)
     print(table)
     print(f"bookkeeping of one PSST run at T=20K on MATH: {report['psst_bookkeeping_s_T20K_math']}")
     if Path(args.out) == RESULTS / "psst.json":
         update_readme(table, report)
+
+
+BASELINES = ("Uniform", "SH (no reuse)", "UCB", "Prompt at N=1 then N", "PSST-paper (blocks; unpaired)")
+
+
+def paired(outcomes, envs, budgets) -> list[dict]:
+    """PSST variants against each baseline on the same seeds (same splits): mean regret gap and its
+    paired standard error; gap > 2 s.e. means the variant wins beyond noise."""
+    seeds = defaultdict(dict)  # pool.map keeps job order, so the k-th result of a cell is seed k
+    for e, a, b, r in outcomes:
+        seeds[(e, a, b)][len(seeds[(e, a, b)])] = r["regret"]
+    out = []
+    for env in envs:
+        for budget in budgets:
+            for ours in ("PSST", "PSST+Top-4", "PSST+Top-8"):
+                if (env, ours, budget) not in seeds:
+                    continue
+                for base in BASELINES:
+                    if (env, base, budget) not in seeds:
+                        continue
+                    a, b = seeds[(env, ours, budget)], seeds[(env, base, budget)]
+                    common = sorted(set(a) & set(b))
+                    gap = np.array([b[s] - a[s] for s in common])
+                    se = float(gap.std(ddof=1) / np.sqrt(len(gap)))
+                    out.append({"env": env, "budget": budget, "ours": ours, "baseline": base,
+                                "gap": float(gap.mean()), "se": se, "z": float(gap.mean() / se) if se > 0 else float("inf")})
+    return out
+
+
+def paired_markdown(pairs, envs, budgets) -> str:
+    lines = ["\n**Paired comparisons** (same seeds and splits): baseline regret − ours, mean ± s.e. (z)\n"]
+    for env in envs:
+        for ours in ("PSST", "PSST+Top-4", "PSST+Top-8"):
+            cells = [p for p in pairs if p["env"] == env and p["ours"] == ours and p["budget"] >= 5000]
+            if not cells:
+                continue
+            lines.append(f"\n{env}, {ours} (T ≥ 5K):\n")
+            lines.append("| baseline | " + " | ".join(f"T={b // 1000}K" for b in budgets if b >= 5000) + " |")
+            lines.append("|---|" + "---|" * len([b for b in budgets if b >= 5000]))
+            for base in BASELINES:
+                row = [next((p for p in cells if p["baseline"] == base and p["budget"] == b), None)
+                       for b in budgets if b >= 5000]
+                if any(row):
+                    lines.append(f"| {base} | " + " | ".join(
+                        f"{p['gap']:+.4f} ± {p['se']:.4f} ({p['z']:+.1f})" if p else "" for p in row) + " |")
+    return "\n".join(lines)
 
 
 def plot(rows, envs, algos, path: Path) -> None:
