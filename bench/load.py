@@ -27,16 +27,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from gateway.servers import free_port  # noqa: E402
+
 ENV = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
 KEYS = {"low": "load-low", "mid": "load-mid", "high": "load-high"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_up(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:

@@ -26,18 +26,14 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gateway.servers import free_port  # noqa: E402
+
 VENV = ROOT / "bench" / ".venv-litellm-proxy"
 ENV = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONUNBUFFERED": "1"}
 MASTER_KEY = "sk-bench-" + "5f3a9c0e7b21d4868a0c1e2f3b4d5e6f"
 MESSAGES = [{"role": "user", "content": "Problem 3: solve it and give the final answer."}]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(cmd: list[str], url: str, log: Path, timeout: float = 120) -> subprocess.Popen:
@@ -120,7 +116,6 @@ def main() -> None:
         upstream = f"http://127.0.0.1:{up_port}"
         procs.append(start([sys.executable, "-m", "gateway.cli", "replay", "--env", "replay-mv=synthetic-mv",
                             "--port", str(up_port)], f"{upstream}/v1/models", work / "replay.log"))
-        sys.path.insert(0, str(ROOT))
         from gateway.demo import replay_upstream
         from gateway.replay import prompt_text
 

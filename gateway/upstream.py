@@ -179,8 +179,7 @@ class UpstreamClient:
         a configured fallback upstream is tried when every completion failed.
         """
         if self.config.supports_n:
-            results = [await self._call_n(messages, params, n)]
-            completions = results[0]
+            completions = await self._call_n(messages, params, n)
         else:
             parts = await asyncio.gather(*(self._call_n(messages, params, 1) for _ in range(n)))
             completions = [c for part in parts for c in part]
