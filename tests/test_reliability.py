@@ -65,7 +65,7 @@ def test_sigterm_drains_in_flight_requests_and_flushes_the_log(tmp_path, replay,
 
     asyncio.run(fire())
     assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a graceful shutdown
-    assert len(ok_ids) >= 20
+    assert len(ok_ids) >= 5
     db = open_database(str(tmp_path / "iapo.db"))
     rows = {r[0] for r in db.execute("select id from requests where status = 200")}
     assert rows == set(ok_ids)
