@@ -69,6 +69,8 @@ routes: math (majority vote), assist (best-of-N); tiers low / mid / high (keys {
        -H 'content-type: application/json' -d '{body}'
 
 metrics: {base}/metrics   models: {base}/v1/models   stop with Ctrl-C
+after some traffic (20+ distinct queries per route), learn and publish a policy without a restart:
+  iapo train --config {path}
 """, flush=True)
     try:
         uvicorn.run(create_app(settings, path), host=args.host, port=args.port, log_level="warning", access_log=False)
