@@ -28,6 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.load import wait_up  # noqa: E402
 from gateway.servers import free_port  # noqa: E402
 
 VENV = ROOT / "bench" / ".venv-litellm-proxy"
@@ -38,17 +39,12 @@ MESSAGES = [{"role": "user", "content": "Problem 3: solve it and give the final 
 
 def start(cmd: list[str], url: str, log: Path, timeout: float = 120) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[0]} exited; see {log}")
-        try:
-            httpx.get(url, timeout=1)
-            return proc
-        except httpx.HTTPError:
-            time.sleep(0.25)
-    proc.kill()
-    raise RuntimeError(f"{cmd} did not come up; see {log}")
+    try:
+        wait_up(url, proc, timeout)
+    except RuntimeError:
+        proc.kill()
+        raise RuntimeError(f"{cmd[0]} did not come up; see {log}") from None
+    return proc
 
 
 def stop(proc: subprocess.Popen) -> None:

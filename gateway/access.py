@@ -24,6 +24,10 @@ class Access:
         self._cache: dict[str, tuple[object, float]] = {}
         self._any: tuple[bool, float] = (False, 0.0)
 
+    def clear(self) -> None:
+        """Forget cached answers (after a reload), so changed key tiers apply at once."""
+        self._cache.clear()
+
     def _store_has_keys(self, now: float) -> bool:
         if now >= self._any[1]:
             self._any = (self.keys.any(), now + CACHE_SECONDS)

@@ -31,7 +31,6 @@ from store.spend import BudgetExhausted, SpendLedger
 from store.writer import LogWriter, RequestLog
 
 log = logging.getLogger("iapo.gateway")
-DEFAULT_MAX_TOKENS = 1024
 
 
 @dataclass
@@ -107,15 +106,12 @@ class Gateway:
             self.metrics.config_ok.set(0)
             return False
         old, self.rt = self.rt, runtime
-        self.key_cache_clear()
+        self.access.clear()
         self.metrics.config_reloads.labels("ok").inc()
         self.metrics.config_ok.set(1)
         log.info("config reloaded from %s", self.config_path)
         asyncio.get_running_loop().call_later(60, lambda: asyncio.ensure_future(old.aclose()))
         return True
-
-    def key_cache_clear(self) -> None:
-        self.access._cache.clear()
 
     def _reload_policy(self) -> None:
         version = self.policies.latest_version()
@@ -188,12 +184,10 @@ class Gateway:
         prompt = route.prompt(arm.prompt_id)
         params = merge_params(req.params, prompt.params)
         messages = render_messages(route, arm.prompt_id, req.messages)
-        prompt_tokens = sum(len(str(m.get("content") or "")) for m in messages) // 3 + 8  # generous estimate
-        max_tokens = int(params.get("max_tokens") or DEFAULT_MAX_TOKENS)
-        worst = upstream.price(prompt_tokens, max_tokens)
+        worst, worst_tokens = upstream.worst_case(messages, params)
         n = clamp_n(arm.n, route_n_max=route.n_max, tier_max_n=tier.max_n,
                     max_cost_per_request=tier.max_cost_per_request, worst_cost_per_completion=worst)
-        reservation = self._reserve(rt, route, caller, n, worst, prompt_tokens + max_tokens)
+        reservation = self._reserve(rt, route, caller, n, worst, worst_tokens)
         n = reservation.n if reservation else n
         completions: list[Completion] = []
         try:

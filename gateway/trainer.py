@@ -21,7 +21,6 @@ from gateway.config import Route, Settings
 from gateway.scorers import RouteScorer
 from gateway.runtime import prompt_version
 from gateway.prompting import merge_params, render_messages
-from gateway.serving import DEFAULT_MAX_TOKENS
 from gateway.upstream import UpstreamClient
 from policies.aggregate import AnswerExtractor
 from policies.arms import Arm
@@ -115,6 +114,7 @@ class RouteTrainer:
         self.max_dollars = max_dollars if max_dollars is not None else self.config.max_dollars
         self.progress_stream = progress_stream
         self.extract = AnswerExtractor(route.extractor.pattern, route.extractor.normalize)
+        self.prompt_versions = {p.id: prompt_version(route, p.id) for p in route.prompts}
 
     async def run(self, *, dry_run: bool = False, publish_partial: bool = False) -> TrainingReport:
         start = time.monotonic()
@@ -214,11 +214,10 @@ class RouteTrainer:
     def _offer_served(self, db, trainer: PSST, queries: list[dict]) -> int:
         """Served requests on a training query with the current prompt version are free pulls."""
         gold = {q["query_key"]: q["gold"] for q in queries}
-        current = {p.id: prompt_version(self.route, p.id) for p in self.route.prompts}
         pulls = []
         since = time.time() - self.config.window_hours * 3600
         for r in served_pulls(db, self.route.model, since=since):
-            if r["query_key"] not in gold or current.get(r["prompt_id"]) != r["prompt_version"]:
+            if r["query_key"] not in gold or self.prompt_versions.get(r["prompt_id"]) != r["prompt_version"]:
                 continue
             if self.route.aggregator == "mv":
                 outcome = Outcome(costs=np.array(r["costs"]), answers=r["answers"], gold=gold[r["query_key"]])
@@ -230,14 +229,11 @@ class RouteTrainer:
         trainer.offer(pulls)
         return sum(n for _, n, _ in pulls)
 
-    def _worst_cost(self, upstream: UpstreamClient, messages: list[dict], params: dict) -> float:
-        chars = sum(len(str(m.get("content") or "")) for m in messages)
-        return upstream.price(chars // 3 + 8, int(params.get("max_tokens") or DEFAULT_MAX_TOKENS))
-
     def _plan(self, trainer: PSST, report: TrainingReport) -> None:
         """Dry run: walk the schedule with empty outcomes; cost at each prompt's worst case."""
         upstream = UpstreamClient(self.route.upstream, self.settings.upstreams[self.route.upstream])
-        worst = {p.id: upstream.price(64, int(p.params.get("max_tokens") or DEFAULT_MAX_TOKENS)) for p in self.route.prompts}
+        worst = {p.id: upstream.worst_case(render_messages(self.route, p.id, [{"role": "user", "content": ""}]),
+                                           merge_params({}, p.params))[0] for p in self.route.prompts}
         K = max(1, len(self.route.objectives))
         while batch := trainer.ask():
             report.rounds.append({"pulls": len(batch), "completions": sum(n for _, n in batch),
@@ -266,7 +262,7 @@ class RouteTrainer:
                     prompt = route.prompt(pull[0])
                     messages = render_messages(route, pull[0], q["messages"])
                     params = merge_params({}, prompt.params)
-                    prepared.append((pull, q, messages, params, self._worst_cost(upstream, messages, params) * pull[1]))
+                    prepared.append((pull, q, messages, params, upstream.worst_case(messages, params)[0] * pull[1]))
                 if self.max_dollars is not None:
                     room = self.max_dollars - report.dollars
                     fits = np.cumsum([w for *_, w in prepared]) <= room + 1e-12
@@ -319,7 +315,7 @@ class RouteTrainer:
             rid = f"explore-{uuid.uuid4().hex}"
             requests.append({
                 "id": rid, "created": now, "kind": "explore", "route": self.route.model, "tier": None,
-                "upstream": self.route.upstream, "prompt_id": prompt_id, "prompt_version": prompt_version(self.route, prompt_id),
+                "upstream": self.route.upstream, "prompt_id": prompt_id, "prompt_version": self.prompt_versions[prompt_id],
                 "n": n, "aggregator": self.route.aggregator, "messages": json.dumps(query["messages"], ensure_ascii=False),
                 "query_key": query["query_key"], "failed": 0, "status": 200, "run_id": run_id,
                 "prompt_tokens": sum(c.prompt_tokens for c in comps), "completion_tokens": sum(c.completion_tokens for c in comps),

@@ -53,6 +53,7 @@ class UpstreamError(Exception):
         self.status = status
 
 
+DEFAULT_MAX_TOKENS = 1024  # the worst case assumed when neither caller nor prompt sets max_tokens
 RETRYABLE = {"rate_limit", "server", "connection", "timeout"}
 UPSTREAM_ERROR_KINDS = ("rate_limit", "server", "connection", "timeout", "bad_request", "auth", "other")
 
@@ -104,6 +105,13 @@ class UpstreamClient:
             return float(prompt_cost + completion_cost)
         except Exception:
             return 0.0
+
+    def worst_case(self, messages: list[dict], params: dict) -> tuple[float, int]:
+        """Upper bound of one completion's (dollars, tokens): a generous prompt estimate (chars / 3)
+        plus max_tokens, at this upstream's price. Caps reserve this; cost clamps divide by it."""
+        prompt_tokens = sum(len(str(m.get("content") or "")) for m in messages) // 3 + 8
+        max_tokens = int(params.get("max_tokens") or DEFAULT_MAX_TOKENS)
+        return self.price(prompt_tokens, max_tokens), prompt_tokens + max_tokens
 
     async def raw(self, messages: list[dict], params: dict, n: int) -> tuple[RawResponse, float]:
         """One call (n completions), retried on transient errors; returns (response, seconds)."""

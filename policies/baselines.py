@@ -69,14 +69,8 @@ class SequentialHalving(Engine):
         if self.round >= self.rounds:
             self.finished = True
 
-    def ask(self):
-        pulls = super().ask()
-        if not pulls and self.round < self.rounds and not self.outstanding:
-            while self.round < self.rounds:
-                self._halve()
-                self.round += 1
-            self.finished = True
-        return pulls
+    def _out_of_budget(self) -> None:
+        self._halve_to_the_end()
 
 
 class UCB(Engine):

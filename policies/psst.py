@@ -88,32 +88,32 @@ class Engine:
         pulls = self._pulls(plan)
         cost = sum(n for _, n in pulls)
         if not pulls or cost > self.budget - self.spent:
-            self.finished = True
+            self._out_of_budget()
             return []
         self.spent += cost
         self.outstanding = len(pulls)
         return pulls
 
     def tell(self, results: Iterable[tuple[str, int, Outcome]]) -> None:
-        results = list(results)
-        groups: dict[tuple[int, int], list[Outcome]] = {}
-        for prompt_id, n, outcome in results:
-            groups.setdefault((self.prompt_index[prompt_id], int(n)), []).append(outcome)
-        for (p, n), outcomes in groups.items():
-            self._add(p, n, outcomes)
-        self.outstanding = max(0, self.outstanding - len(results))
+        told = self._add_all(results)
+        self.outstanding = max(0, self.outstanding - told)
         if self.outstanding == 0:
             self._end_round()
 
     def offer(self, results: Iterable[tuple[str, int, Outcome]]) -> int:
         """Stockpile pulls paid for elsewhere (served traffic); no budget spent. Returns how many."""
-        results = [(p, n, o) for p, n, o in results if p in self.prompt_index and 1 <= n <= self.n_max]
+        return self._add_all((p, n, o) for p, n, o in results if p in self.prompt_index and 1 <= n <= self.n_max)
+
+    def _add_all(self, results: Iterable[tuple[str, int, Outcome]]) -> int:
+        """Fold results into the estimates, one vectorised update per (prompt, n) group."""
         groups: dict[tuple[int, int], list[Outcome]] = {}
+        count = 0
         for prompt_id, n, outcome in results:
             groups.setdefault((self.prompt_index[prompt_id], int(n)), []).append(outcome)
+            count += 1
         for (p, n), outcomes in groups.items():
             self._add(p, n, outcomes)
-        return len(results)
+        return count
 
     def policy(self) -> dict[str, tuple[str, int]]:
         """Per context the active arm with the best estimate (unsampled arms rank last)."""
@@ -135,6 +135,16 @@ class Engine:
 
     def _end_round(self) -> None:
         pass
+
+    def _out_of_budget(self) -> None:
+        self.finished = True
+
+    def _halve_to_the_end(self) -> None:
+        """Budget gone before the last round: finish the halving on what was learned (stockpiled)."""
+        while self.round < self.rounds:
+            self._halve()
+            self.round += 1
+        self.finished = True
 
     # -- shared pieces ----------------------------------------------------------------------
     def _pulls(self, plan: list[tuple[int, int, int]]) -> list[Pull]:
@@ -247,12 +257,8 @@ class PSST(Engine):
         np.put_along_axis(kept, best, True, axis=1)
         self.active &= kept[:, :, None]
 
-    def ask(self) -> list[Pull]:
-        pulls = super().ask()
-        if not pulls and self.phase == "rounds" and self.round < self.rounds and not self.outstanding:
-            # budget exhausted early: finish the halving on what was learned (stockpiled estimates)
-            while self.round < self.rounds:
-                self._halve()
-                self.round += 1
+    def _out_of_budget(self) -> None:
+        if self.phase == "rounds":
+            self._halve_to_the_end()
+        else:
             self.finished = True
-        return pulls
