@@ -65,11 +65,11 @@ class Simulator:
             draws = env.sample_many(np.full(len(group), p), queries, n, self.rng)
             costs = np.full(n, env.cost[p])
             if isinstance(env, MVEnvironment):
-                results += [(prompt_id, n, Outcome(costs=costs, answers=d, gold=int(env.gold[x])))
+                results += [(prompt_id, n, Outcome(costs=costs, answers=d, gold=int(env.gold[x]), query=int(x)))
                             for d, x in zip(draws, queries)]
             else:
                 scores = env.outcome_scores[p, queries[:, None], draws]  # (Q, n, K)
-                results += [(prompt_id, n, Outcome(costs=costs, scores=s)) for s in scores]
+                results += [(prompt_id, n, Outcome(costs=costs, scores=s, query=int(x))) for s, x in zip(scores, queries)]
         return results
 
 

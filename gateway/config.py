@@ -187,6 +187,8 @@ class TrainConfig(Strict):
     interval_seconds: float | None = Field(None, gt=0)  # `iapo serve` trains itself this often; off by default
     screening_k: int | None = Field(None, ge=1)
     screening_fraction: float = Field(0.2, gt=0, lt=1)
+    estimator: Literal["pooled", "subset", "block"] = "pooled"  # PSST's estimates (README: PSST as implemented)
+    pull_size: int | None = Field(None, ge=1)  # completions per pull with the pooled estimator (default 8)
     reuse_served: bool = True
     seed: int = 0
 

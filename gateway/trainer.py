@@ -158,7 +158,8 @@ class RouteTrainer:
             contexts = contexts_for(self.settings, route)
             trainer = PSST(prompts=[p.id for p in route.prompts], n_max=route.n_max, contexts=contexts,
                            budget=self.budget, aggregator=route.aggregator, seed=cfg.seed, n_queries=len(queries),
-                           screening=TopK(cfg.screening_k, cfg.screening_fraction) if cfg.screening_k else None)
+                           screening=TopK(cfg.screening_k, cfg.screening_fraction) if cfg.screening_k else None,
+                           estimator=cfg.estimator, pull_size=cfg.pull_size if cfg.estimator == "pooled" else None)
             if dry_run:
                 self._plan(trainer, report)
                 return
@@ -220,9 +221,11 @@ class RouteTrainer:
             if r["query_key"] not in gold or self.prompt_versions.get(r["prompt_id"]) != r["prompt_version"]:
                 continue
             if self.route.aggregator == "mv":
-                outcome = Outcome(costs=np.array(r["costs"]), answers=r["answers"], gold=gold[r["query_key"]])
+                outcome = Outcome(costs=np.array(r["costs"]), answers=r["answers"], gold=gold[r["query_key"]],
+                                  query=r["query_key"])
             elif all(s is not None for s in r["scores"]):
-                outcome = Outcome(costs=np.array(r["costs"]), scores=np.array(r["scores"], dtype=float))
+                outcome = Outcome(costs=np.array(r["costs"]), scores=np.array(r["scores"], dtype=float),
+                                  query=r["query_key"])
             else:
                 continue
             pulls.append((r["prompt_id"], len(r["costs"]), outcome))
@@ -295,7 +298,7 @@ class RouteTrainer:
         texts = [c.text or "" for c in completions]
         if self.route.aggregator == "mv":
             answers = [self.extract(t) for t in texts]
-            outcome = Outcome(costs=costs, answers=answers, gold=query["gold"])
+            outcome = Outcome(costs=costs, answers=answers, gold=query["gold"], query=query["query_key"])
             scores = None
         else:
             try:
@@ -303,7 +306,7 @@ class RouteTrainer:
             except Exception as exc:
                 raise TrainingFault(f"scoring failed during exploration: {exc}") from None
             answers = [None] * n
-            outcome = Outcome(costs=costs, scores=scores)
+            outcome = Outcome(costs=costs, scores=scores, query=query["query_key"])
         rows = (prompt_id, n, query, completions, answers, scores)
         return pull, outcome, rows
 

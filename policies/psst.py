@@ -13,8 +13,11 @@ import numpy as np
 
 from policies.arms import Context
 from policies.estimators import ArmEstimates, encode_answers
+from policies.pooled import PooledEstimates
 
 __all__ = ["PSST", "Context", "Outcome", "TopK", "Pull"]
+
+POOLED_PULL_SIZE = 8  # completions per pull with pooled estimates (bench/README.md: 6, 8, 12, 16 compared)
 
 
 @dataclass(frozen=True)
@@ -29,12 +32,16 @@ class TopK:
 
 @dataclass
 class Outcome:
-    """One pull's result: per-completion costs, and MV answers + gold or BoN scores (n, K)."""
+    """One pull's result: per-completion costs, and MV answers + gold or BoN scores (n, K).
+
+    `query` (optional, any hashable) names the query, so pulls of one prompt on one query pool.
+    """
 
     costs: np.ndarray
     answers: Sequence | np.ndarray | None = None
     gold: object = None
     scores: np.ndarray | None = None
+    query: object = None
 
 
 class Pull(tuple):
@@ -73,8 +80,13 @@ class Engine:
         self.spent = 0
         self.outstanding = 0
         self.finished = False
-        self.estimates = ArmEstimates(self.weights, self.cost_weights, len(self.prompts), n_max, mode=estimator,
-                                      permutations=permutations, rng=self.rng)
+        self.estimator = estimator
+        if estimator == "pooled":
+            self.estimates = PooledEstimates(self.weights, self.cost_weights, len(self.prompts), n_max)
+        else:
+            self.estimates = ArmEstimates(self.weights, self.cost_weights, len(self.prompts), n_max, mode=estimator,
+                                          permutations=permutations, rng=self.rng)
+        self._fresh = np.ones(n_queries or 0, dtype=bool)  # query slots not yet planned in this run
         # active[c, p, n-1]: arm (p, n) still a candidate in context c
         self.active = np.ones((len(self.context_names), len(self.prompts), n_max), dtype=bool)
 
@@ -152,14 +164,33 @@ class Engine:
         if not plan:
             return []
         most = max(count for _, _, count in plan)
-        slots = None
-        if self.n_queries:
-            slots = self.rng.choice(self.n_queries, size=most, replace=most > self.n_queries)
+        slots = self._slots(most) if self.n_queries else None
         return [Pull(self.prompts[p], n, None if slots is None else int(slots[j]))
                 for p, n, count in plan for j in range(count)]
 
+    def _slots(self, count: int) -> np.ndarray:
+        """`count` distinct query slots, unseen ones first (more queries, less between-query noise)."""
+        fresh = np.flatnonzero(self._fresh)
+        if count <= len(fresh):
+            slots = self.rng.choice(fresh, size=count, replace=False)
+        else:
+            seen, more = np.flatnonzero(~self._fresh), count - len(fresh)
+            pool = seen if more <= len(seen) else np.arange(self.n_queries)
+            slots = np.concatenate([fresh, self.rng.choice(pool, size=more, replace=more > len(pool))])
+        self._fresh[slots] = False
+        if not self._fresh.any():
+            self._fresh[:] = True
+        return slots
+
     def _add(self, p: int, n: int, outcomes: list[Outcome]) -> None:
         costs = np.stack([np.asarray(o.costs, dtype=float) for o in outcomes])
+        if self.estimator == "pooled":
+            keys = [o.query for o in outcomes]
+            if self.aggregator == "mv":
+                self.estimates.add_mv(p, keys, [o.answers for o in outcomes], [o.gold for o in outcomes], costs)
+            else:
+                self.estimates.add_bon(p, keys, np.stack([np.asarray(o.scores, dtype=float) for o in outcomes]), costs)
+            return
         if self.aggregator == "mv":
             codes = np.stack([encode_answers(o.answers if isinstance(o.answers, np.ndarray) else list(o.answers), o.gold)
                               for o in outcomes])
@@ -184,7 +215,12 @@ class Engine:
 
 
 class PSST(Engine):
-    """Prompt Scaling via Sequential Trimming with structure-aware allocation and halving.
+    """Prompt Scaling via Sequential Trimming: rounds of pulls, halving the arms of every context.
+
+    Default (ours): pooled plug-in estimates (`policies.pooled`) and every active prompt pulled at
+    `pull_size` completions (8) on fresh, shared queries — one curve per (prompt, query) values every
+    N, so small pulls on many queries replace the paper's pulls at the largest active N on a few.
+    `estimator="subset"` (or "block", the paper's) restores structure-aware pulls at the largest N.
 
     Budget schedule: round r gets ⌊remaining / rounds left⌋ (so floor leftovers carry forward);
     when that cannot buy one pull of every active prompt at its largest N, the round borrows from
@@ -193,8 +229,12 @@ class PSST(Engine):
     """
 
     def __init__(self, prompts: Sequence[str], n_max: int, contexts: dict[str, Context], budget: int,
-                 aggregator: str = "mv", seed: int = 0, screening: TopK | None = None, **options) -> None:
-        super().__init__(prompts, n_max, contexts, budget, aggregator, seed, **options)
+                 aggregator: str = "mv", seed: int = 0, screening: TopK | None = None, pull_size: int | None = None,
+                 estimator: str = "pooled", **options) -> None:
+        super().__init__(prompts, n_max, contexts, budget, aggregator, seed, estimator=estimator, **options)
+        if pull_size is not None and estimator != "pooled":
+            raise ValueError("pull_size needs estimator='pooled' (other estimators cannot value n above a pull's N)")
+        self.pull_size = (pull_size or POOLED_PULL_SIZE) if estimator == "pooled" else None
         self.screening = screening
         self.screen_budget = int(math.floor(screening.fraction * budget)) if screening else 0
         self.phase = "screen" if screening else "rounds"
@@ -216,6 +256,8 @@ class PSST(Engine):
         if self.round >= self.rounds:
             return []
         largest = np.where(self.active.any(axis=0), np.arange(1, self.n_max + 1), 0).max(axis=1)  # N_p
+        if self.pull_size:  # pooled curves value every n from any pull: pull each prompt at one size
+            largest = np.where(largest > 0, min(self.pull_size, self.n_max), 0)
         prompts = np.flatnonzero(largest)
         M = int(largest.sum())
         remaining = self.budget - self.spent

@@ -1,0 +1,99 @@
+"""Pooled plug-in estimates: vote and best-of curves against enumeration, pooling per query, PSST's pulls."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from policies.pooled import PooledEstimates, plugin_vote_credit
+from policies.psst import PSST, Context, Outcome
+from policies.utility import mv_credit
+
+
+def enumerate_vote(probs: list[float], n: int, never_votes: int | None = None) -> float:
+    """Expected credit of n i.i.d. draws over classes (gold = 0) by listing every sequence."""
+    total = 0.0
+    for seq in itertools.product(range(len(probs)), repeat=n):
+        mass = np.prod([probs[c] for c in seq])
+        counts = np.bincount([c for c in seq if c != never_votes], minlength=len(probs))
+        if never_votes is not None:
+            counts = np.delete(counts, never_votes)
+        total += mass * float(mv_credit(counts))
+    return total
+
+
+@pytest.mark.parametrize("counts,missing", [([2, 1], 0), ([2, 1], 1), ([1, 2, 1], 0), ([3, 0, 1], 2), ([0, 2], 0)])
+def test_plugin_vote_credit_matches_enumeration(counts, missing):
+    m = sum(counts) + missing
+    probs = [c / m for c in counts] + ([missing / m] if missing else [])
+    curve = plugin_vote_credit(np.array([counts]), np.array([missing]), 5)[0]
+    for n in range(1, 6):
+        expected = enumerate_vote(probs, n, never_votes=len(counts) if missing else None)
+        assert curve[n - 1] == pytest.approx(expected, abs=1e-12)
+
+
+def test_only_missing_answers_earn_nothing():
+    assert plugin_vote_credit(np.array([[0, 0]]), np.array([3]), 4).tolist() == [[0.0] * 4]
+
+
+def estimates(cost_weights=(0.0,), n_prompts=1, n_max=6):
+    return PooledEstimates(np.ones((len(cost_weights), 1)), np.array(cost_weights, dtype=float), n_prompts, n_max)
+
+
+def test_pulls_on_one_query_pool_and_text_answers_keep_their_class():
+    est = estimates()
+    est.add_mv(0, ["q1", "q2"], [["7", "5"], ["7"]], ["7", "7"], np.zeros((2, 1)))
+    est.add_mv(0, ["q1"], [["5", "9", None]], ["7"], np.zeros((1, 3)))
+    assert len(est.rows) == 2
+    row = est.rows[(0, "q1")]
+    assert est.counts[row].tolist()[:3] == [1, 2, 1]  # gold "7", then "5" twice, then "9"
+    assert est.missing[row] == 1
+    # value at n=1 is the mean over queries of the pooled plug-in accuracy: q1 1/5, q2 1
+    assert est.mean()[0, 0, 0] == pytest.approx((1 / 5 + 1.0) / 2)
+
+
+def test_pulls_without_a_query_are_rows_of_their_own():
+    est = estimates()
+    est.add_mv(0, [None, None], [np.array([0, 0]), np.array([1, 1])], [0, 0], np.zeros((2, 2)))
+    assert len(est.rows) == 2
+    assert est.mean()[0, 0, 0] == pytest.approx(0.5)
+    assert est.stderr()[0, 0, 0] == pytest.approx(0.5)
+
+
+def test_cost_term_is_lambda_times_n_times_mean_cost():
+    est = estimates(cost_weights=(0.0, 2.0))
+    est.add_mv(0, ["q"], [np.array([0, 0, 0, 0])], [0], np.array([[0.01, 0.03, 0.02, 0.02]]))
+    mean = est.mean()
+    n = np.arange(1, 7)
+    assert mean[0, 0] == pytest.approx(np.ones(6))
+    assert mean[1, 0] == pytest.approx(1.0 - 2.0 * 0.02 * n)
+
+
+def test_bon_curve_is_expected_max_of_draws_with_replacement():
+    est = PooledEstimates(np.array([[1.0, 0.0], [0.5, 0.5]]), np.zeros(2), 1, 3)
+    scores = np.array([[[0.2, 0.9], [0.7, 0.1], [0.4, 0.4], [0.9, 0.0]]])  # one pull of 4 on one query
+    est.add_bon(0, ["q"], scores, np.zeros((1, 4)))
+    for c, w in enumerate(([1.0, 0.0], [0.5, 0.5])):
+        u = scores[0] @ np.array(w)
+        for n in (1, 2, 3):
+            brute = np.mean([max(u[list(idx)]) for idx in itertools.product(range(4), repeat=n)])
+            assert est.mean()[c, 0, n - 1] == pytest.approx(brute)
+
+
+def test_psst_pulls_a_fixed_size_and_values_every_scale():
+    trainer = PSST(prompts=["a", "b"], n_max=32, contexts={"only": Context((1.0,), 0.0)}, budget=2000, seed=0,
+                   n_queries=50)
+    batch = trainer.ask()
+    assert {n for _, n in batch} == {8}
+    rng = np.random.default_rng(0)
+    trainer.tell([(pull[0], pull[1], Outcome(costs=np.full(pull[1], 0.01), gold=1, query=pull.query,
+                                             answers=(rng.random(pull[1]) < 0.6).astype(int)))
+                  for pull in batch])
+    assert np.isfinite(trainer.estimates.mean()).all()  # n above 8 is valued too
+
+
+def test_pull_size_needs_the_pooled_estimator():
+    with pytest.raises(ValueError, match="pull_size"):
+        PSST(prompts=["a"], n_max=8, contexts={"only": Context((1.0,), 0.0)}, budget=100, estimator="subset",
+             pull_size=4)
