@@ -58,8 +58,9 @@ ALGORITHMS = {
     "Prompt at N=1 then N": PromptThenN,
 }
 
-# pull-size sweep of the default, at T = 5K and 10K only
+# ablations of the default (pulls of 8, halving prompts), at T = 5K and 10K only
 SWEEP = {f"PSST, pulls of {m}": functools.partial(PSST, pull_size=m) for m in (4, 6, 12, 16)}
+SWEEP["PSST, halving arms (⌈log2 |A|⌉ rounds)"] = functools.partial(PSST, halve_prompts=False)
 SWEEP_BUDGETS = (5000, 10000)
 
 _TASKS: dict[str, Task] = {}
@@ -129,7 +130,7 @@ def main() -> None:
     plot(rows, envs, algos, Path(args.out).with_suffix(".png"))
     table = markdown(rows, envs, algos, budgets) + paired_markdown(report["paired"], envs, budgets)
     if not args.no_sweep:
-        table += "\n\n**Pull-size sweep** of the default (pulls of 8):\n" + markdown(
+        table += "\n\n**Ablations** of the default (pulls of 8, halving prompts):\n" + markdown(
             rows, envs, ["PSST"] + list(SWEEP), list(SWEEP_BUDGETS), oracle_row=False)
     print(table)
     print(f"bookkeeping of one PSST run at T=20K on MATH: {report['psst_bookkeeping_s_T20K_math']}")

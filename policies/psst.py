@@ -156,6 +156,9 @@ class Engine:
         while self.round < self.rounds:
             self._halve()
             self.round += 1
+        self._finish()
+
+    def _finish(self) -> None:
         self.finished = True
 
     # -- shared pieces ----------------------------------------------------------------------
@@ -217,10 +220,12 @@ class Engine:
 class PSST(Engine):
     """Prompt Scaling via Sequential Trimming: rounds of pulls, halving the arms of every context.
 
-    Default (ours): pooled plug-in estimates (`policies.pooled`) and every active prompt pulled at
-    `pull_size` completions (8) on fresh, shared queries — one curve per (prompt, query) values every
-    N, so small pulls on many queries replace the paper's pulls at the largest active N on a few.
-    `estimator="subset"` (or "block", the paper's) restores structure-aware pulls at the largest N.
+    Default (ours): pooled plug-in estimates (`policies.pooled`), every active prompt pulled at
+    `pull_size` completions (8) on fresh, shared queries, and ⌈log2 P⌉ rounds that halve each
+    context's prompts (keeping all their N) — one curve per (prompt, query) values every N, so small
+    pulls on many queries replace the paper's pulls at the largest active N on a few. With
+    `estimator="subset"` (or "block", the paper's): pulls at the largest active N and halving of
+    arms over ⌈log2 |A|⌉ rounds, as published.
 
     Budget schedule: round r gets ⌊remaining / rounds left⌋ (so floor leftovers carry forward);
     when that cannot buy one pull of every active prompt at its largest N, the round borrows from
@@ -230,8 +235,10 @@ class PSST(Engine):
 
     def __init__(self, prompts: Sequence[str], n_max: int, contexts: dict[str, Context], budget: int,
                  aggregator: str = "mv", seed: int = 0, screening: TopK | None = None, pull_size: int | None = None,
-                 estimator: str = "pooled", **options) -> None:
+                 estimator: str = "pooled", halve_prompts: bool | None = None, **options) -> None:
         super().__init__(prompts, n_max, contexts, budget, aggregator, seed, estimator=estimator, **options)
+        # the unit of halving: prompts (all their N kept) by default when pooled, else arms (the paper)
+        self.halve_prompts = estimator == "pooled" if halve_prompts is None else halve_prompts
         if pull_size is not None and estimator != "pooled":
             raise ValueError("pull_size needs estimator='pooled' (other estimators cannot value n above a pull's N)")
         self.pull_size = (pull_size or POOLED_PULL_SIZE) if estimator == "pooled" else None
@@ -242,8 +249,11 @@ class PSST(Engine):
         self.rounds = self._rounds_for(self.active)
 
     def _rounds_for(self, active: np.ndarray) -> int:
-        arms = int(active.reshape(active.shape[0], -1).sum(axis=1).max())
-        return max(1, math.ceil(math.log2(arms))) if arms > 1 else 1
+        """⌈log2⌉ of the most candidates in a context: arms, or prompts when halving prompts (one
+        pooled curve values all arms of a prompt, so its pulls cannot tell those arms apart)."""
+        alive = active.any(axis=2) if self.halve_prompts else active.reshape(active.shape[0], -1)
+        most = int(alive.sum(axis=1).max())
+        return max(1, math.ceil(math.log2(most))) if most > 1 else 1
 
     def _plan(self) -> list[tuple[int, int, int]]:
         if self.phase == "screen":
@@ -287,7 +297,31 @@ class PSST(Engine):
         self._halve()
         self.round += 1
         if self.round >= self.rounds:
-            self.finished = True
+            self._finish()
+
+    def _halve(self) -> None:
+        if not self.halve_prompts:
+            super()._halve()
+            return
+        # per context keep the better half of its prompts (by their best arm), all their N with them
+        value = np.where(self.active, np.nan_to_num(self.estimates.mean(), nan=-np.inf), -np.inf).max(axis=2)
+        alive = self.active.any(axis=2)
+        value = np.where(alive & np.isinf(value), -1e18, value)  # alive but unsampled ranks above dropped
+        keep = np.maximum(1, np.ceil(alive.sum(axis=1) / 2)).astype(int)
+        order = np.argsort(-value, axis=1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(order.shape[1])[None, :].repeat(len(order), 0), axis=1)
+        self.active &= (rank < keep[:, None])[:, :, None]
+
+    def _finish(self) -> None:
+        """Halving prompts ends with one prompt per context: its best N is the survivor."""
+        if self.halve_prompts and self.phase == "rounds":
+            chosen = self.policy()
+            survivors = np.zeros_like(self.active)
+            for c, (prompt_id, n) in enumerate(chosen.values()):
+                survivors[c, self.prompt_index[prompt_id], n - 1] = True
+            self.active = survivors
+        self.finished = True
 
     def _screen(self) -> None:
         """Keep the k prompts with the best screened estimate (best N ≤ screening scale) per context."""
