@@ -97,3 +97,29 @@ def test_pull_size_needs_the_pooled_estimator():
     with pytest.raises(ValueError, match="pull_size"):
         PSST(prompts=["a"], n_max=8, contexts={"only": Context((1.0,), 0.0)}, budget=100, estimator="subset",
              pull_size=4)
+
+
+def test_pooled_psst_halves_prompts_and_keeps_their_scales_until_the_end():
+    contexts = {"free": Context((1.0,), 0.0), "dear": Context((1.0,), 5.0)}
+    trainer = PSST(prompts=[f"p{i}" for i in range(8)], n_max=16, contexts=contexts, budget=3000, seed=0,
+                   n_queries=40)
+    assert trainer.rounds == 3  # ⌈log2 8⌉ prompts, not ⌈log2 128⌉ arms
+    rng = np.random.default_rng(0)
+    accuracy = {f"p{i}": 0.1 * i + 0.1 for i in range(8)}
+
+    def tell(batch):
+        trainer.tell([(pull[0], pull[1], Outcome(costs=np.full(pull[1], 0.01), gold=1, query=pull.query,
+                                                 answers=(rng.random(pull[1]) < accuracy[pull[0]]).astype(int)))
+                      for pull in batch])
+
+    tell(trainer.ask())
+    alive = trainer.active.any(axis=2)
+    assert alive.sum(axis=1).tolist() == [4, 4]
+    assert (trainer.active.sum(axis=2)[alive] == 16).all()  # every N of a kept prompt stays a candidate
+    while batch := trainer.ask():
+        tell(batch)
+    assert trainer.spent <= 3000
+    assert trainer.active.reshape(2, -1).sum(axis=1).tolist() == [1, 1]
+    policy = trainer.policy()
+    assert policy["free"][0] == policy["dear"][0] == "p7"
+    assert policy["dear"][1] < policy["free"][1]
