@@ -5,7 +5,8 @@ pool into one empirical distribution, and the value of arm (p, n) on x is that o
 best-of) over n draws from it — for every n, also above the N that was pulled. One curve per
 (prompt, query) ranks every scale of the prompt, so PSST can pull small N on many queries (less
 between-query noise) instead of the largest active N on a few. The plug-in is biased for small
-pools; the same bias applies to every prompt, which is what ranking needs.
+pools, and not equally for every prompt: from 8 completions it overrates peaked answer
+distributions against spread-out ones at large n (bench/README.md measures what that costs).
 """
 from __future__ import annotations
 
