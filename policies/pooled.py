@@ -177,7 +177,9 @@ class PooledEstimates:
         keys = [d.tobytes() for d in distinct]
         new = [i for i, k in enumerate(keys) if k not in self._curve_cache]
         if new:
-            fresh = plugin_vote_credit(distinct[new, :-1], distinct[new, -1], self.n_max)
+            counts = distinct[new, :-1]
+            used = max(1, int((counts > 0).any(axis=0).nonzero()[0].max(initial=0)) + 1)  # drop all-zero columns
+            fresh = plugin_vote_credit(counts[:, :used], distinct[new, -1], self.n_max)
             self._curve_cache.update({keys[i]: c for i, c in zip(new, fresh)})
         return np.stack([self._curve_cache[k] for k in keys])[inverse.reshape(-1)]
 
