@@ -36,6 +36,8 @@ def write(tmp_path, data) -> Path:
     (lambda c: c["routes"][0]["prompts"][0]["params"].update(temprature=1), "unknown decoding parameter"),
     (lambda c: c.update(surprise=1), "surprise"),
     (lambda c: c["upstreams"]["gpt"].update(timeout=0), "upstreams.gpt.timeout"),
+    (lambda c: c["train"].update(estimator="magic"), "train.estimator"),
+    (lambda c: c["train"].update(pull_size=0), "train.pull_size"),
 ])
 def test_wrong_config_names_field_and_problem(tmp_path, mutate, expected):
     data = yaml.safe_load(EXAMPLE.read_text())
