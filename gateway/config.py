@@ -192,6 +192,12 @@ class TrainConfig(Strict):
     reuse_served: bool = True
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _pull_size_needs_pooled(self) -> "TrainConfig":
+        if self.pull_size is not None and self.estimator != "pooled":
+            raise ValueError("pull_size needs estimator 'pooled' (other estimators pull at the largest active N)")
+        return self
+
 
 class Limits(Strict):
     max_body_bytes: int = 1_000_000

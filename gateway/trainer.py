@@ -159,7 +159,7 @@ class RouteTrainer:
             trainer = PSST(prompts=[p.id for p in route.prompts], n_max=route.n_max, contexts=contexts,
                            budget=self.budget, aggregator=route.aggregator, seed=cfg.seed, n_queries=len(queries),
                            screening=TopK(cfg.screening_k, cfg.screening_fraction) if cfg.screening_k else None,
-                           estimator=cfg.estimator, pull_size=cfg.pull_size if cfg.estimator == "pooled" else None)
+                           estimator=cfg.estimator, pull_size=cfg.pull_size)
             if dry_run:
                 self._plan(trainer, report)
                 return

@@ -44,6 +44,13 @@ class Outcome:
     query: object = None
 
 
+def first_of(order: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Mask of the first keep[r] entries of each row r of `order` (a permutation per row)."""
+    mask = np.zeros(order.shape, dtype=bool)
+    np.put_along_axis(mask, order, np.arange(order.shape[1])[None, :] < keep[:, None], axis=1)
+    return mask
+
+
 class Pull(tuple):
     """A planned pull `(prompt_id, n)`; `.query` names a query slot (pulls of one round share slots,
     so prompts are compared on the same queries) or is None when the executor picks the query."""
@@ -210,11 +217,8 @@ class Engine:
         # rank by value, ties toward the cheaper scale; inactive arms sort last
         key = np.where(active, -value, np.inf)
         order = np.lexsort((np.broadcast_to(n_of, key.shape), key), axis=1)
-        m = active.sum(axis=1)
-        keep = np.maximum(1, np.ceil(m / 2)).astype(int)
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.arange(order.shape[1])[None, :].repeat(C, 0), axis=1)
-        self.active = (active & (rank < keep[:, None])).reshape(self.active.shape)
+        keep = np.maximum(1, np.ceil(active.sum(axis=1) / 2)).astype(int)
+        self.active = (active & first_of(order, keep)).reshape(self.active.shape)
 
 
 class PSST(Engine):
@@ -308,10 +312,7 @@ class PSST(Engine):
         alive = self.active.any(axis=2)
         value = np.where(alive & np.isinf(value), -1e18, value)  # alive but unsampled ranks above dropped
         keep = np.maximum(1, np.ceil(alive.sum(axis=1) / 2)).astype(int)
-        order = np.argsort(-value, axis=1, kind="stable")
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.arange(order.shape[1])[None, :].repeat(len(order), 0), axis=1)
-        self.active &= (rank < keep[:, None])[:, :, None]
+        self.active &= first_of(np.argsort(-value, axis=1, kind="stable"), keep)[:, :, None]
 
     def _finish(self) -> None:
         """Halving prompts ends with one prompt per context: its best N is the survivor."""
@@ -328,10 +329,8 @@ class PSST(Engine):
         k = min(self.screening.k, len(self.prompts))
         n = min(self.screening.n, self.n_max)
         screened = np.nan_to_num(self.estimates.mean()[:, :, :n], nan=-np.inf).max(axis=2)  # (C, P)
-        best = np.argsort(-screened, axis=1, kind="stable")[:, :k]
-        kept = np.zeros(screened.shape, dtype=bool)
-        np.put_along_axis(kept, best, True, axis=1)
-        self.active &= kept[:, :, None]
+        order = np.argsort(-screened, axis=1, kind="stable")
+        self.active &= first_of(order, np.full(len(order), k))[:, :, None]
 
     def _out_of_budget(self) -> None:
         if self.phase == "rounds":

@@ -38,6 +38,7 @@ def write(tmp_path, data) -> Path:
     (lambda c: c["upstreams"]["gpt"].update(timeout=0), "upstreams.gpt.timeout"),
     (lambda c: c["train"].update(estimator="magic"), "train.estimator"),
     (lambda c: c["train"].update(pull_size=0), "train.pull_size"),
+    (lambda c: c["train"].update(estimator="subset", pull_size=4), "pull_size needs estimator 'pooled'"),
 ])
 def test_wrong_config_names_field_and_problem(tmp_path, mutate, expected):
     data = yaml.safe_load(EXAMPLE.read_text())
