@@ -41,6 +41,13 @@ def max_of_subset_weights(N: int) -> np.ndarray:
     return A
 
 
+def standard_error(sums: np.ndarray, squares: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Standard error of a mean from running Σx, Σx² and the sample count (NaN below two samples)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var = np.maximum(squares / count - (sums / count) ** 2, 0.0) * count / np.maximum(count - 1, 1)
+        return np.where(count > 1, np.sqrt(var / count), np.nan)
+
+
 def encode_answers(answers, gold) -> np.ndarray:
     """Answer codes for one pull: 0 = gold, 1.. = each other answer, −1 = no answer.
 
@@ -87,10 +94,7 @@ class ArmEstimates:
 
     def stderr(self) -> np.ndarray:
         """(C, P, n_max) standard error of each estimate from the spread of per-pull means."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = self.pull_sums / self.pulls
-            var = np.maximum(self.pull_squares / self.pulls - mean**2, 0.0) * self.pulls / np.maximum(self.pulls - 1, 1)
-            return np.where(self.pulls > 1, np.sqrt(var / self.pulls), np.nan)
+        return standard_error(self.pull_sums, self.pull_squares, self.pulls)
 
     def _record_pulls(self, prompt: int, per_pull: np.ndarray) -> None:
         """per_pull (C, Q, N): each pull's mean utility at every scale n ≤ N."""

@@ -16,6 +16,7 @@ from math import comb
 import numpy as np
 
 from policies.environments import mv_vote_credit
+from policies.estimators import standard_error
 
 
 @lru_cache(maxsize=64)
@@ -38,8 +39,6 @@ def plugin_vote_credit(counts: np.ndarray, missing: np.ndarray, n_max: int) -> n
     if not rows.any():
         return out
     probs = counts[rows] / valid[rows, None]
-    if probs.shape[1] == 1:
-        probs = np.concatenate([probs, np.zeros((len(probs), 1))], axis=1)
     by_votes = mv_vote_credit(probs, np.zeros(len(probs), dtype=int), n_max)  # credit given k valid votes
     q = (total[rows] - valid[rows]) / total[rows]  # P(no answer)
     if np.any(q > 0):
@@ -81,8 +80,8 @@ class PooledEstimates:
         self.row_count = np.zeros(n_prompts)
         self.counts = np.zeros((0, 1), dtype=np.int64)  # MV: answer counts per row, gold in column 0
         self.missing = np.zeros(0, dtype=np.int64)
-        self.vocab: list[dict[str, int]] = []  # MV with text answers: answer → column, per row
-        self.scores: list[np.ndarray] = []  # BoN: pooled per-completion utilities per row, (C, m)
+        self.vocab: dict[int, dict[str, int]] = {}  # MV with text answers, per row: answer → column
+        self.scores: dict[int, np.ndarray] = {}  # BoN, per row: pooled per-completion utilities (C, m)
         self.cost_sum = np.zeros(n_prompts)
         self.cost_n = np.zeros(n_prompts)
         self._anonymous = 0
@@ -99,8 +98,6 @@ class PooledEstimates:
             row = self.rows.get((prompt, key))
             if row is None:
                 row = self.rows[(prompt, key)] = len(self.rows)
-                self.vocab.append({})
-                self.scores.append(np.zeros((len(self.cost_weights), 0)))
             ids.append(row)
         grow = len(self.rows) - len(self.row_prompt)
         if grow:
@@ -149,7 +146,7 @@ class PooledEstimates:
         """Count columns of one pull's text answers: 0 = gold, −1 = no answer, others stable per row."""
         labels = np.array(["" if a is None else str(a) for a in answers], dtype=str)
         distinct, inverse = np.unique(labels, return_inverse=True)
-        vocab = self.vocab[row]
+        vocab = self.vocab.setdefault(row, {})
         gold_label = "" if gold is None else str(gold)
         mapped = []
         for label in distinct:  # one lookup per distinct answer, not per completion
@@ -192,7 +189,8 @@ class PooledEstimates:
         touched = np.unique(rows)
         curves = np.empty((len(self.cost_weights), len(touched), self.n_max))
         for i, row in enumerate(touched):  # one update per (prompt, query) row, vectorised inside
-            pooled = np.concatenate([self.scores[row]] + [u[j] for j in np.flatnonzero(rows == row)], axis=1)
+            earlier = [self.scores[row]] if row in self.scores else []
+            pooled = np.concatenate(earlier + [u[j] for j in np.flatnonzero(rows == row)], axis=1)
             self.scores[row] = pooled
             ordered = np.sort(pooled, axis=1)
             curves[:, i, :] = ordered @ _max_of_draws_weights(ordered.shape[1], self.n_max)
@@ -214,7 +212,4 @@ class PooledEstimates:
     def stderr(self) -> np.ndarray:
         """(C, P, n_max) standard error over the prompt's queries (NaN below two queries)."""
         self._refresh()
-        r = self.row_count[None, :, None]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            var = np.maximum(self.squares / r - (self.sums / r) ** 2, 0.0) * r / np.maximum(r - 1, 1)
-            return np.where(r > 1, np.sqrt(var / r), np.nan)
+        return standard_error(self.sums, self.squares, self.row_count[None, :, None])
