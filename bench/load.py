@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.servers import free_port  # noqa: E402
+from sandbox.servers import free_port  # noqa: E402
 
 ENV = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
 KEYS = {"low": "load-low", "mid": "load-mid", "high": "load-high"}
@@ -52,7 +52,7 @@ class Stack:
 
     def __init__(self, *, n: int, workers: int, transport: str, mix: bool, queue_size: int = 10_000) -> None:
         from gateway.config import hash_key
-        from gateway.demo import replay_route, replay_upstream
+        from sandbox.demo import replay_route, replay_upstream
         from policies.environments import synthetic_bon, synthetic_mv
 
         self.work = Path(tempfile.mkdtemp(prefix="iapo-load-"))

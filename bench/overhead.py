@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.load import wait_up  # noqa: E402
-from gateway.servers import free_port  # noqa: E402
+from sandbox.servers import free_port  # noqa: E402
 
 VENV = ROOT / "bench" / ".venv-litellm-proxy"
 ENV = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONUNBUFFERED": "1"}
@@ -112,8 +112,8 @@ def main() -> None:
         upstream = f"http://127.0.0.1:{up_port}"
         procs.append(start([sys.executable, "-m", "gateway.cli", "replay", "--env", "replay-mv=synthetic-mv",
                             "--port", str(up_port)], f"{upstream}/v1/models", work / "replay.log"))
-        from gateway.demo import replay_upstream
-        from gateway.replay import prompt_text
+        from sandbox.demo import replay_upstream
+        from sandbox.replay import prompt_text
 
         route = lambda name, n: {  # noqa: E731
             "model": name, "upstream": "replay", "aggregator": "mv", "n_max": 32,

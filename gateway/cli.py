@@ -46,9 +46,9 @@ def cmd_demo(args) -> int:
 
     from gateway.app import create_app
     from gateway.config import load_config
-    from gateway.demo import DEMO_KEYS, demo_config
-    from gateway.replay import create_replay_app, problem_text
-    from gateway.servers import ServerThread
+    from sandbox.demo import DEMO_KEYS, demo_config
+    from sandbox.replay import create_replay_app, problem_text
+    from sandbox.servers import ServerThread
     from policies.environments import synthetic_bon, synthetic_mv
 
     mv, bon = synthetic_mv(seed=args.seed), synthetic_bon(seed=args.seed)
@@ -82,7 +82,7 @@ after some traffic (20+ distinct queries per route), learn and publish a policy 
 def cmd_replay(args) -> int:
     import uvicorn
 
-    from gateway.replay import create_replay_app
+    from sandbox.replay import create_replay_app
     from policies.environments import MVEnvironment, synthetic_bon, synthetic_mv
 
     envs = {}

@@ -41,8 +41,8 @@ def synthetic_envs():
 @pytest.fixture(scope="session")
 def replay(math_env, synthetic_envs):
     """One replay upstream (uvicorn on loopback) serving MATH and the synthetic MV/BoN tasks."""
-    from gateway.replay import create_replay_app
-    from gateway.servers import ServerThread
+    from sandbox.replay import create_replay_app
+    from sandbox.servers import ServerThread
 
     server = ServerThread(create_replay_app({"replay-math": math_env, **synthetic_envs}, seed=1)).start()
     yield server
@@ -65,7 +65,7 @@ class RunningGateway:
     def __init__(self, config: dict, tmp: Path) -> None:
         from gateway.app import create_app
         from gateway.config import load_config
-        from gateway.servers import ServerThread
+        from sandbox.servers import ServerThread
 
         config.setdefault("store", {})
         config["store"].setdefault("path", str(tmp / "iapo.db"))

@@ -12,8 +12,8 @@ import sqlite_utils
 
 from gateway.cli import main as iapo
 from gateway.config import hash_key
-from gateway.demo import replay_route, replay_upstream
-from gateway.replay import problem_text
+from sandbox.demo import replay_route, replay_upstream
+from sandbox.replay import problem_text
 from gateway.trainer import summary, train_routes
 from store.database import open_database
 from store.policy_store import PolicyStore

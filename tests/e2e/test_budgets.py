@@ -12,8 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.cli import main as iapo
 from gateway.config import hash_key
-from gateway.demo import replay_route, replay_upstream
-from gateway.replay import problem_text
+from sandbox.demo import replay_route, replay_upstream
+from sandbox.replay import problem_text
 from policies.budget import window_bounds
 from store.database import open_database
 

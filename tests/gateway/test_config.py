@@ -10,7 +10,7 @@ import yaml
 from gateway.cli import main as iapo
 from gateway.config import ConfigError, load_config
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "config.example.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config.example.yaml"
 
 
 def test_example_config_loads():

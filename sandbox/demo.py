@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from policies.environments import BoNEnvironment, MVEnvironment
-from gateway.replay import prompt_text
+from sandbox.replay import prompt_text
 
 DEMO_KEYS = {"low": "iapo-demo-low", "mid": "iapo-demo-mid", "high": "iapo-demo-high"}
 

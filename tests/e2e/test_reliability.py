@@ -12,9 +12,9 @@ import time
 import httpx
 import yaml
 
-from gateway.demo import replay_route, replay_upstream
-from gateway.replay import problem_text
-from gateway.servers import free_port
+from sandbox.demo import replay_route, replay_upstream
+from sandbox.replay import problem_text
+from sandbox.servers import free_port
 from store.database import open_database
 from store.policy_store import PolicyStore
 

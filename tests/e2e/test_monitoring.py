@@ -16,12 +16,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import hash_key
-from gateway.demo import replay_route, replay_upstream
-from gateway.replay import problem_text
+from sandbox.demo import replay_route, replay_upstream
+from sandbox.replay import problem_text
 from conftest import serve_process
-from gateway.servers import free_port
+from sandbox.servers import free_port
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 PROMQL_WORDS = {"sum", "by", "rate", "histogram_quantile", "clamp_min", "changes", "offset", "and", "on", "le"}
 
 

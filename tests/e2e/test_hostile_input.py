@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gateway.config import Limits, hash_key
-from gateway.demo import replay_route, replay_upstream
+from sandbox.demo import replay_route, replay_upstream
 from gateway.errors import GatewayError
 from gateway.request import ChatRequest, parse_chat_request
 from policies.aggregate import best_of_n, majority_vote
@@ -119,7 +119,7 @@ def test_keys_never_reach_logs_store_or_metrics(tmp_path, replay, math_env):
     import yaml
 
     from conftest import serve_process
-    from gateway.servers import free_port
+    from sandbox.servers import free_port
 
     key = "sk-very-secret-key-0123456789"
     cfg = {"upstreams": {"u": {**replay_upstream(replay.url, "replay-math"), "api_key_env": "IAPO_TEST_UPSTREAM_KEY"}},

@@ -10,8 +10,8 @@ import sqlite_utils
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import hash_key
-from gateway.demo import replay_route, replay_upstream
-from gateway.replay import problem_text
+from sandbox.demo import replay_route, replay_upstream
+from sandbox.replay import problem_text
 from policies.arms import Arm
 from policies.environments import mv_vote_credit
 from store.database import open_database
