@@ -1,6 +1,8 @@
-"""SQLite persistence: schema, the batched log writer, policy versions, feedback."""
-from store.database import open_database
+"""SQLite persistence: versioned schema, the batched log writer, the spend ledger, policy versions, feedback."""
+from store.database import open_database, schema_version
+from store.errors import BudgetExhausted, StoreError, StoreUnavailable
 from store.policy_store import PolicyStore
 from store.writer import LogWriter
 
-__all__ = ["open_database", "PolicyStore", "LogWriter"]
+__all__ = ["open_database", "schema_version", "PolicyStore", "LogWriter", "StoreError", "StoreUnavailable",
+           "BudgetExhausted"]

@@ -1,13 +1,19 @@
-"""Opens the SQLite file in WAL mode and creates the schema (idempotent)."""
+"""Opens the SQLite file in WAL mode and brings its schema to the newest version.
+
+The schema version lives in `PRAGMA user_version`; `MIGRATIONS[k]` takes a file from version k to
+k + 1. `open_database` applies the missing steps in one BEGIN IMMEDIATE transaction and re-reads the
+version under that write lock, so several processes may open (and upgrade) the same file at once.
+A file at version 0 that already has the tables (made before versions existed) is version 1.
+"""
 from __future__ import annotations
 
 import contextlib
 import sqlite3
-from typing import Iterator
+from typing import Callable, Iterator
 
 import sqlite_utils
 
-SCHEMA = {
+SCHEMA_V1 = {
     "requests": (
         {
             "id": str, "created": float, "kind": str, "route": str, "tier": str, "upstream": str,
@@ -42,7 +48,7 @@ SCHEMA = {
         },
         {"pk": ("version", "route", "tier")},
     ),
-    "spend": (
+    "spend": (  # reserved_* are unused since version 3 (reservations have their own table); kept at 0
         {"scope": str, "window": str, "window_start": float, "dollars": float, "tokens": int,
          "reserved_dollars": float, "reserved_tokens": int},
         {"pk": ("scope", "window", "window_start"), "defaults": {"dollars": 0.0, "tokens": 0,
@@ -58,29 +64,102 @@ SCHEMA = {
     ),
 }
 
-INDEXES = [
+INDEXES_V1 = [
     ("requests", ["route", "created"]),
     ("requests", ["kind", "route"]),
     ("feedback", ["request_id"]),
 ]
 
 
-def open_database(path: str, *, create: bool = True) -> sqlite_utils.Database:
-    """A sqlite-utils Database on `path` with WAL, a busy timeout and the schema in place."""
-    conn = sqlite3.connect(path, timeout=30.0, check_same_thread=False)
+def _v1_base_schema(db: sqlite_utils.Database) -> None:
+    """The schema as it was before versions: create whatever tables and indexes are missing."""
+    for name, (columns, options) in SCHEMA_V1.items():
+        if not db[name].exists():
+            db[name].create(columns, **options)
+    for table, columns in INDEXES_V1:
+        db[table].create_index(columns, if_not_exists=True)
+
+
+def _v2_request_columns(db: sqlite_utils.Database) -> None:
+    """requests.key_id (16 hex digits of the caller's key hash, NULL when anonymous), endpoint
+    (chat|completions|embeddings|responses) and upstream_id (the provider's response id)."""
+    existing = db["requests"].columns_dict
+    for column in ("key_id", "endpoint", "upstream_id"):
+        if column not in existing:
+            db["requests"].add_column(column, str)
+
+
+def _v3_reservations(db: sqlite_utils.Database) -> None:
+    """One row per (reservation, cap window); settled ids are remembered so a settle books once."""
+    db["reservations"].create(
+        {"id": str, "scope": str, "window": str, "window_start": float, "dollars": float, "tokens": int,
+         "owner": str, "expires": float},
+        pk=("id", "scope", "window", "window_start"), if_not_exists=True)
+    db["reservations"].create_index(["scope", "window", "window_start", "expires"], if_not_exists=True)
+    db["settled_reservations"].create({"id": str, "settled": float}, pk="id", if_not_exists=True)
+    db["settled_reservations"].create_index(["settled"], if_not_exists=True)
+    db.execute("update spend set reserved_dollars = 0, reserved_tokens = 0")  # leaked by the old ledger
+
+
+def _v4_feedback_per_target(db: sqlite_utils.Database) -> None:
+    """feedback keyed by (request_id, target): target "gold" for gold answers, the objective name
+    (or "score" when none was given) for scores. Old rows split by target; the newest of each kept."""
+    db["feedback_v4"].create(
+        {"request_id": str, "target": str, "created": float, "gold": str, "score": float, "objective": str},
+        pk=("request_id", "target"))
+    db.execute("""
+        insert into feedback_v4 (request_id, target, created, gold, score, objective)
+        select request_id, target, created, gold, score, objective from (
+            select *, row_number() over (partition by request_id, target order by created desc, id desc) as newest
+            from (select id, request_id, 'gold' as target, created, gold, null as score, null as objective
+                    from feedback where gold is not null
+                  union all
+                  select id, request_id, coalesce(objective, 'score'), created, null, score, objective
+                    from feedback where score is not null))
+        where newest = 1""")
+    db["feedback"].drop()
+    db.rename_table("feedback_v4", "feedback")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _v1_base_schema, _v2_request_columns, _v3_reservations, _v4_feedback_per_target,
+]
+LATEST_VERSION = len(MIGRATIONS)
+
+
+def schema_version(db: sqlite_utils.Database) -> int:
+    """The file's schema version (`PRAGMA user_version`)."""
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(db: sqlite_utils.Database) -> int:
+    """Apply the missing migration steps in one write transaction; returns the version reached."""
+    if schema_version(db) >= LATEST_VERSION:
+        return schema_version(db)
+    with write_transaction(db):
+        version = schema_version(db)  # another process may have migrated while we waited for the lock
+        for step in MIGRATIONS[version:]:
+            step(db)
+        if version < LATEST_VERSION:
+            db.execute(f"PRAGMA user_version = {LATEST_VERSION}")
+    return max(version, LATEST_VERSION)
+
+
+def open_database(path: str, *, create: bool = True, busy_timeout: float = 30.0) -> sqlite_utils.Database:
+    """A sqlite-utils Database on `path` with WAL, a busy timeout (seconds) and the newest schema."""
+    conn = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False)
     db = sqlite_utils.Database(conn)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute("PRAGMA foreign_keys=ON")
     if create:
-        for name, (columns, options) in SCHEMA.items():
-            if not db[name].exists():
-                db[name].create(columns, **options)
-        existing = {tuple(i.columns) for t in ("requests", "feedback") for i in db[t].indexes}
-        for table, columns in INDEXES:
-            if tuple(columns) not in existing:
-                db[table].create_index(columns, if_not_exists=True)
+        migrate(db)
     return db
+
+
+def set_busy_timeout(db: sqlite_utils.Database, seconds: float) -> None:
+    """How long a statement waits for another connection's lock before "database is locked"."""
+    db.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
 
 
 @contextlib.contextmanager
@@ -90,9 +169,9 @@ def write_transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Databa
     db.conn.execute("BEGIN IMMEDIATE")
     try:
         yield db
+        db.conn.execute("COMMIT")
     except BaseException:
         if db.conn.in_transaction:
-            db.conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # keep the original error, not a failed rollback's
+                db.conn.execute("ROLLBACK")
         raise
-    else:
-        db.conn.execute("COMMIT")

@@ -11,18 +11,25 @@ def find_request(db: sqlite_utils.Database, request_id: str) -> dict | None:
     return rows[0] if rows else None
 
 
+def feedback_for(db: sqlite_utils.Database, request_id: str) -> list[dict]:
+    """The request's feedback, one row per target (the newest for each), ordered by target."""
+    return list(db.query("select request_id, target, created, gold, score, objective from feedback"
+                         " where request_id = ? order by target", [request_id]))
+
+
 def completion_answers(db: sqlite_utils.Database, request_id: str) -> list[str | None]:
     return [r["answer"] for r in db.query(
         "select answer from completions where request_id = ? and error is null order by idx", [request_id])]
 
 
 def training_queries(db: sqlite_utils.Database, route: str, *, since: float, limit: int) -> list[dict]:
-    """Distinct served queries of a route (newest first) with their gold answer when feedback gave one."""
+    """Distinct served queries of a route (newest first) with their gold answer when feedback gave one
+    (the newest gold among the requests sharing the query key)."""
     rows = db.query(
         """
         select r.query_key, r.messages, max(r.created) as last_seen,
                (select f.gold from feedback f join requests r2 on r2.id = f.request_id
-                 where r2.query_key = r.query_key and f.gold is not null
+                 where r2.query_key = r.query_key and f.target = 'gold' and f.gold is not null
                  order by f.created desc limit 1) as gold
         from requests r
         where r.route = ? and r.kind = 'serve' and r.created >= ? and r.status = 200

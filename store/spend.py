@@ -1,108 +1,174 @@
 """Spend ledger in SQLite: reserve a request's worst case before the upstream call, settle after.
 
-Shared by every worker process on the host and kept across restarts; each reservation checks and
-books all of the request's caps in one BEGIN IMMEDIATE transaction, so concurrent requests can
-never book past a cap.
+Shared by every worker process on the host and kept across restarts. A reservation is one row per
+cap window in `reservations`, with an expiry. The room under a cap is its limit minus the spend
+minus the live (unexpired) reservations, computed in the BEGIN IMMEDIATE transaction that books the
+new reservation: concurrent requests (threads or processes) never book past a cap, and a
+reservation whose owner died (kill -9) stops counting the instant it expires, swept or not.
 """
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+import threading
 import time
+import uuid
 from dataclasses import dataclass
+from typing import Iterator
 
 import sqlite_utils
 
 from policies.budget import Cap, affordable_n, window_bounds
-from store.database import write_transaction
+from store.database import set_busy_timeout, write_transaction
+from store.errors import BudgetExhausted, StoreUnavailable
 
+__all__ = ["BudgetExhausted", "Reservation", "SpendLedger", "StoreUnavailable"]
 
-class BudgetExhausted(Exception):
-    """No room left under `cap` until `reset`."""
-
-    def __init__(self, cap: Cap, reset: float, spent: float, limit: float, unit: str) -> None:
-        self.cap, self.reset, self.spent, self.limit, self.unit = cap, reset, spent, limit, unit
-        super().__init__(f"{cap.scope} {cap.window} cap of {_fmt(limit, unit)} reached "
-                         f"({_fmt(spent, unit)} spent or reserved); resets at "
-                         f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(reset))}")
-
-
-def _fmt(value: float, unit: str) -> str:
-    return f"${value:.4f}" if unit == "dollars" else f"{int(value)} tokens"
+DEFAULT_TTL_S = 300.0  # expiry of a reservation when the caller gives none
+SETTLED_MEMORY_S = 86_400.0  # how long settled ids are remembered (a retried settle is a no-op)
 
 
 @dataclass
 class Reservation:
+    """What `reserve` booked: the cap windows it holds, how many completions, and until when."""
+
     rows: list[tuple[str, str, float]]  # (scope, window, window_start)
     n: int
     dollars: float
     tokens: int
+    id: str = ""
+    owner: str = ""
+    expires_at: float = 0.0
 
 
 class SpendLedger:
-    def __init__(self, db: sqlite_utils.Database) -> None:
-        self.db = db
+    """Reserve / settle / sweep over the `spend` and `reservations` tables; safe to share across threads."""
 
-    def _row(self, scope: str, window: str, start: float) -> tuple[float, int, float, int]:
-        row = self.db.execute(
-            "select dollars, tokens, reserved_dollars, reserved_tokens from spend where scope = ? and window = ?"
-            " and window_start = ?", [scope, window, start]).fetchone()
-        return tuple(row) if row else (0.0, 0, 0.0, 0)
+    def __init__(self, db: sqlite_utils.Database, *, busy_timeout: float | None = None) -> None:
+        self.db = db
+        self._lock = threading.Lock()
+        if busy_timeout is not None:
+            set_busy_timeout(db, busy_timeout)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction on the shared connection; SQLite failures become StoreUnavailable."""
+        with self._lock:
+            try:
+                with write_transaction(self.db):
+                    yield
+            except sqlite3.DatabaseError as exc:
+                raise StoreUnavailable(f"spend ledger: {exc}") from exc
+
+    def _read(self, sql: str, params: list) -> list[tuple]:
+        with self._lock:
+            try:
+                return self.db.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise StoreUnavailable(f"spend ledger: {exc}") from exc
+
+    def _used(self, scope: str, window: str, start: float, now: float) -> tuple[float, int]:
+        """Spent plus live reservations in one cap window (call inside the write transaction)."""
+        key = [scope, window, start]
+        spent = self.db.execute("select dollars, tokens from spend where scope = ? and window = ? and window_start = ?",
+                                key).fetchone() or (0.0, 0)
+        held = self.db.execute("select coalesce(sum(dollars), 0), coalesce(sum(tokens), 0) from reservations"
+                               " where scope = ? and window = ? and window_start = ? and expires > ?",
+                               key + [now]).fetchone()
+        return (spent[0] or 0.0) + held[0], (spent[1] or 0) + held[1]
 
     def reserve(self, caps: list[Cap], n: int, per_completion_dollars: float, per_completion_tokens: int,
-                *, allow_fewer: bool, now: float | None = None) -> Reservation:
-        """Book the worst case of n completions under every cap (or the largest n that fits, when
-        `allow_fewer`); raises BudgetExhausted naming the first cap with no room for even one."""
+                *, allow_fewer: bool, owner: str = "", expires_at: float | None = None,
+                reservation_id: str | None = None, now: float | None = None) -> Reservation:
+        """Book the worst case of n completions under every cap until `expires_at` (default now + 300 s),
+        or the largest n that fits when `allow_fewer`; raises BudgetExhausted naming the first cap
+        with no room, StoreUnavailable when SQLite fails, ValueError for a reservation id already used."""
         now = time.time() if now is None else now
-        with write_transaction(self.db):
+        expires_at = now + DEFAULT_TTL_S if expires_at is None else expires_at
+        reservation_id = reservation_id or uuid.uuid4().hex
+        need = 1 if allow_fewer else n
+        with self._transaction():
+            if self._known(reservation_id):
+                raise ValueError(f"reservation id {reservation_id!r} was already used")
             bounds = [(cap, *window_bounds(cap.window, now)) for cap in caps]
-            room, used = [], []
-            for cap, start, _ in bounds:
-                spent_d, spent_t, res_d, res_t = self._row(cap.scope, cap.window, start)
-                used.append((spent_d + res_d, spent_t + res_t))
-                room.append((None if cap.dollars is None else cap.dollars - spent_d - res_d,
-                             None if cap.tokens is None else cap.tokens - spent_t - res_t))
+            used = [self._used(cap.scope, cap.window, start, now) for cap, start, _ in bounds]
+            room = [(None if cap.dollars is None else cap.dollars - d, None if cap.tokens is None else cap.tokens - t)
+                    for (cap, _, _), (d, t) in zip(bounds, used)]
             granted = affordable_n(n, per_completion_dollars=per_completion_dollars,
                                    per_completion_tokens=per_completion_tokens, room=room)
-            if granted < (1 if allow_fewer else n):
-                for (cap, start, reset), (d_left, t_left), (d_used, t_used) in zip(bounds, room, used):
-                    need = 1 if allow_fewer else n
-                    if cap.dollars is not None and d_left < need * per_completion_dollars:
-                        raise BudgetExhausted(cap, reset, d_used, cap.dollars, "dollars")
-                    if cap.tokens is not None and t_left < need * per_completion_tokens:
-                        raise BudgetExhausted(cap, reset, t_used, cap.tokens, "tokens")
+            if granted < need:
+                raise self._exhausted(bounds, room, used, need, per_completion_dollars, per_completion_tokens)
             dollars, tokens = granted * per_completion_dollars, granted * per_completion_tokens
-            rows = []
-            for cap, start, _ in bounds:
-                self._add(cap.scope, cap.window, start, reserved_dollars=dollars, reserved_tokens=tokens)
-                rows.append((cap.scope, cap.window, start))
-        return Reservation(rows, granted, dollars, tokens)
+            rows = list(dict.fromkeys((cap.scope, cap.window, start) for cap, start, _ in bounds))
+            self.db["reservations"].insert_all(
+                {"id": reservation_id, "scope": scope, "window": window, "window_start": start, "dollars": dollars,
+                 "tokens": tokens, "owner": owner, "expires": expires_at} for scope, window, start in rows)
+        return Reservation(rows, granted, dollars, tokens, reservation_id, owner, expires_at)
 
-    def settle(self, reservation: Reservation, dollars: float, tokens: int) -> None:
-        """Release the reservation and book what the request really cost."""
-        with write_transaction(self.db):
-            for scope, window, start in reservation.rows:
-                self._add(scope, window, start, dollars=dollars, tokens=tokens,
-                          reserved_dollars=-reservation.dollars, reserved_tokens=-reservation.tokens)
+    @staticmethod
+    def _exhausted(bounds, room, used, need: int, per_dollars: float, per_tokens: int) -> BudgetExhausted:
+        """The first cap without room for `need` completions."""
+        for (cap, _, reset), (d_left, t_left), (d_used, t_used) in zip(bounds, room, used):
+            if cap.dollars is not None and d_left < need * per_dollars:
+                return BudgetExhausted(cap, reset, d_used, cap.dollars, "dollars")
+            if cap.tokens is not None and t_left < need * per_tokens:
+                return BudgetExhausted(cap, reset, t_used, cap.tokens, "tokens")
+        cap, _, reset = bounds[0]  # only rounding can get here: name the first cap
+        unit = "dollars" if cap.dollars is not None else "tokens"
+        return BudgetExhausted(cap, reset, used[0][0 if unit == "dollars" else 1],
+                               cap.dollars if unit == "dollars" else cap.tokens, unit)
+
+    def _known(self, reservation_id: str) -> bool:
+        return self.db.execute("select 1 from reservations where id = ? union all"
+                               " select 1 from settled_reservations where id = ? limit 1",
+                               [reservation_id, reservation_id]).fetchone() is not None
+
+    def settle(self, reservation: Reservation, dollars: float, tokens: int) -> bool:
+        """Drop the reservation and book the real cost in the windows it reserved, exactly once per id
+        (also after it expired or was swept); False when this id was already settled."""
+        with self._transaction():
+            first = self.db.execute("insert or ignore into settled_reservations (id, settled) values (?, ?)",
+                                    [reservation.id, time.time()]).rowcount == 1
+            self.db.execute("delete from reservations where id = ?", [reservation.id])
+            if first:
+                for scope, window, start in reservation.rows:
+                    self._add(scope, window, start, dollars, tokens)
+        return first
+
+    def release_expired(self, now: float | None = None) -> int:
+        """Delete expired reservations (their owners never settled); returns how many were released."""
+        now = time.time() if now is None else now
+        with self._transaction():
+            count = self.db.execute("select count(distinct id) from reservations where expires <= ?", [now]).fetchone()[0]
+            self.db.execute("delete from reservations where expires <= ?", [now])
+            self.db.execute("delete from settled_reservations where settled < ?", [now - SETTLED_MEMORY_S])
+        return int(count)
 
     def record(self, scope: str, windows: tuple[str, ...], dollars: float, tokens: int, now: float | None = None) -> None:
         """Book spend without a cap (exploration), so it shows in the ledger and the metrics."""
         now = time.time() if now is None else now
-        with write_transaction(self.db):
+        with self._transaction():
             for window in windows:
-                self._add(scope, window, window_bounds(window, now)[0], dollars=dollars, tokens=tokens)
+                self._add(scope, window, window_bounds(window, now)[0], dollars, tokens)
 
-    def _add(self, scope: str, window: str, start: float, *, dollars: float = 0.0, tokens: int = 0,
-             reserved_dollars: float = 0.0, reserved_tokens: int = 0) -> None:
+    def _add(self, scope: str, window: str, start: float, dollars: float, tokens: int) -> None:
         self.db.execute(
-            "insert into spend (scope, window, window_start, dollars, tokens, reserved_dollars, reserved_tokens)"
-            " values (?, ?, ?, ?, ?, ?, ?) on conflict (scope, window, window_start) do update set"
-            " dollars = dollars + excluded.dollars, tokens = tokens + excluded.tokens,"
-            " reserved_dollars = max(0, reserved_dollars + excluded.reserved_dollars),"
-            " reserved_tokens = max(0, reserved_tokens + excluded.reserved_tokens)",
-            [scope, window, start, dollars, tokens, reserved_dollars, reserved_tokens])
+            "insert into spend (scope, window, window_start, dollars, tokens) values (?, ?, ?, ?, ?)"
+            " on conflict (scope, window, window_start) do update set"
+            " dollars = dollars + excluded.dollars, tokens = tokens + excluded.tokens",
+            [scope, window, start, dollars, tokens])
 
     def current(self, now: float | None = None) -> list[dict]:
         """Spend in every scope's current window (for gauges)."""
         now = time.time() if now is None else now
-        rows = self.db.execute("select scope, window, window_start, dollars, tokens from spend").fetchall()
+        rows = self._read("select scope, window, window_start, dollars, tokens from spend", [])
         return [{"scope": s, "window": w, "dollars": d, "tokens": t} for s, w, start, d, t in rows
                 if window_bounds(w, now)[0] == start]
+
+    def reserved(self, now: float | None = None) -> list[dict]:
+        """Live (unexpired) reserved dollars and tokens per scope in its current windows (metrics, health)."""
+        now = time.time() if now is None else now
+        rows = self._read("select scope, window, window_start, sum(dollars), sum(tokens), count(*) from reservations"
+                          " where expires > ? group by scope, window, window_start", [now])
+        return [{"scope": s, "window": w, "dollars": d, "tokens": t, "reservations": k}
+                for s, w, start, d, t, k in rows if window_bounds(w, now)[0] == start]
