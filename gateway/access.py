@@ -1,11 +1,12 @@
-"""Who is calling: API key → tier (config keys, then keys in the store), never keeping the key itself."""
+"""Who is calling and what they may name: API key → tier and models (config keys, then keys in the
+store), never keeping the key itself."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
 from gateway.config import Tier
-from gateway.errors import unauthorized
+from gateway.errors import model_not_found, unauthorized
 from gateway.runtime import Runtime
 from store.keys import KeyStore, hash_key
 
@@ -16,6 +17,19 @@ CACHE_SECONDS = 1.0  # a revoked key stops working within this long
 class Caller:
     tier: Tier
     key_id: str | None = None  # 16 hex digits of the key's hash, for per-key caps; never the key
+    key_models: tuple[str, ...] | None = None  # a key's narrower list of models, if it has one
+
+    @property
+    def anonymous(self) -> bool:
+        return self.key_id is None
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a caller named: a route (served by its policy) or an upstream (forwarded)."""
+
+    name: str
+    kind: str  # "route" | "upstream"
 
 
 class Access:
@@ -43,7 +57,9 @@ class Access:
         return hit[0]
 
     def resolve(self, authorization: str | None, rt: Runtime) -> Caller:
-        """A known key → its tier; no key → the default tier; unknown or revoked → 401."""
+        """A known key → its tier; unknown or revoked → 401. No key (or, when the gateway has no keys at
+        all, a bearer that is therefore not a credential) → anonymous on the default tier, or 401 with
+        `access.require_key`."""
         key = None
         if authorization:
             scheme, _, value = authorization.partition(" ")
@@ -53,11 +69,28 @@ class Access:
         if key and (rt.key_to_tier or self._store_has_keys(now)):
             digest = hash_key(key)
             tier = rt.key_to_tier.get(digest)
+            models = rt.key_models.get(digest)
             if tier is None:
                 tier = self._store_tier(digest, now)
                 if tier is False:
                     raise unauthorized("This API key has been revoked.")
             if tier is None or tier not in {t.name for t in settings.tiers}:
                 raise unauthorized()
-            return Caller(settings.tier(tier), digest[7:23])
+            return Caller(settings.tier(tier), digest[7:23], tuple(models) if models is not None else None)
+        if settings.access.require_key:
+            raise unauthorized("You didn't provide a valid API key: this gateway requires one "
+                               "(Authorization: Bearer <key>).", code="missing_api_key")
         return Caller(settings.tier(settings.default_tier_name))
+
+    @staticmethod
+    def authorise(caller: Caller, model: str, rt: Runtime) -> Target:
+        """The route or upstream `model` names, if this caller may use it; else 404 (as OpenAI does for
+        models a key cannot see, so their existence is not disclosed)."""
+        kind = "route" if rt.settings.route(model) is not None else "upstream" if model in rt.upstreams else None
+        if kind is None or not rt.allows(caller.tier, caller.key_models, model):
+            raise model_not_found(model)
+        return Target(model, kind)
+
+    @staticmethod
+    def visible_models(caller: Caller, rt: Runtime) -> list[tuple[str, str]]:
+        return [(m, kind) for m, kind in rt.models() if rt.allows(caller.tier, caller.key_models, m)]

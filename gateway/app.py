@@ -1,106 +1,142 @@
-"""The Starlette app: OpenAI-compatible endpoints over the Gateway."""
+"""The Starlette app: OpenAI-compatible endpoints over the pipeline; domain errors become responses here."""
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-import time
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from gateway.access import Access
 from gateway.config import Settings
-from gateway.errors import GatewayError, invalid
+from gateway.connections import BodyLimit
+from gateway.errors import GatewayError, internal_error, invalid, model_not_found, not_found
 from gateway.feedback import record_feedback
+from gateway.openai_wire import error_body, model_list, model_object
 from gateway.openapi import openapi_document
-from gateway.request import parse_chat_request
-from gateway.serving import Gateway, Served
+from gateway.pipeline import Outcome
+from gateway.service import GatewayService
 
 log = logging.getLogger("iapo.app")
-CHUNK_CHARS = 48
+
+
+def error_response(err: GatewayError) -> JSONResponse:
+    return JSONResponse(error_body(err), status_code=err.status, headers=err.headers)
+
+
+def outcome_response(outcome: Outcome) -> Response:
+    if outcome.stream is not None:
+        return StreamingResponse(outcome.stream, media_type="text/event-stream", headers=outcome.headers)
+    if isinstance(outcome.body, bytes):
+        return Response(outcome.body, status_code=outcome.status, media_type="application/json",
+                        headers=outcome.headers)
+    return JSONResponse(outcome.body, status_code=outcome.status, headers=outcome.headers)
 
 
 def create_app(settings: Settings, config_path: str | None = None) -> Starlette:
-    gateway = Gateway(settings, config_path)
+    service = GatewayService(settings, config_path)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await gateway.start()
+        await service.start()
         try:
             yield
         finally:
-            await gateway.stop()
-            gateway.metrics.worker_exited()
+            await service.stop()
+            service.metrics.worker_exited()
 
-    async def chat_completions(request: Request) -> Response:
-        start = time.perf_counter()
-        gateway.metrics.in_flight.inc()
-        try:
-            caller = gateway.resolve(request.headers.get("authorization"))
-            req = parse_chat_request(await request.body(), gateway.settings.limits)
-            served = await gateway.chat(req, caller)
-        except GatewayError as err:
-            return err.response()
-        except Exception:
-            log.exception("unexpected error serving a chat request")
-            return GatewayError(500, "The gateway failed to serve this request.", type="server_error",
-                                code="internal_error").response()
-        finally:
-            gateway.metrics.in_flight.dec()
-        overhead_ms = max(0.0, (time.perf_counter() - start - served.upstream_s) * 1000)
-        headers = {**served.headers, "x-iapo-overhead-ms": f"{overhead_ms:.2f}"}
-        if req.stream:
-            return StreamingResponse(_sse(served, req.include_usage), media_type="text/event-stream",
-                                     headers={**headers, "cache-control": "no-cache"})
-        return JSONResponse(served.body, headers=headers)
+    def api(endpoint: str):
+        async def handler(request: Request) -> Response:
+            try:
+                outcome = await service.pipeline.handle(endpoint, await request.body(),
+                                                        request.headers.get("authorization"))
+            except GatewayError as err:
+                return error_response(err)
+            return outcome_response(outcome)
+        return handler
 
     async def models(request: Request) -> Response:
-        s = gateway.settings
-        data = [{"id": r.model, "object": "model", "created": 0, "owned_by": "iapo"} for r in s.routes]
-        data += [{"id": name, "object": "model", "created": 0, "owned_by": "upstream"} for name in s.upstreams]
-        return JSONResponse({"object": "list", "data": data})
+        try:
+            caller = service.access.resolve(request.headers.get("authorization"), service.rt)
+        except GatewayError as err:
+            return error_response(err)
+        return JSONResponse(model_list([model_object(m, "iapo" if kind == "route" else "upstream")
+                                        for m, kind in Access.visible_models(caller, service.rt)]))
+
+    async def model(request: Request) -> Response:
+        model_id = request.path_params["model"]
+        try:
+            caller = service.access.resolve(request.headers.get("authorization"), service.rt)
+            target = Access.authorise(caller, model_id, service.rt)
+        except GatewayError as err:
+            return error_response(err)
+        return JSONResponse(model_object(target.name, "iapo" if target.kind == "route" else "upstream"))
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "policy_version": gateway.policy.version,
-                             "log_queue": gateway.writer.depth() if gateway.writer else 0})
+        store = service.store_health() if service.writer else {"state": "starting"}
+        ok = store["state"] == "ok"
+        return JSONResponse({"status": "ok" if ok else "degraded", "policy_version": service.policy.version,
+                             "store": store, "log_queue": store.get("queue", 0)}, status_code=200 if ok else 503)
 
     async def metrics(request: Request) -> Response:
-        gateway.metrics.log_queue.set(gateway.writer.depth() if gateway.writer else 0)
-        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        if service.writer:
+            service._observe_store()
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def feedback(request: Request) -> Response:
         try:
-            caller = gateway.resolve(request.headers.get("authorization"))
+            caller = service.access.resolve(request.headers.get("authorization"), service.rt)
             try:
                 payload = json.loads(await request.body())
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise invalid("We could not parse the JSON body of your request.", code="invalid_json") from None
             if not isinstance(payload, dict):
                 raise invalid("The request body must be a JSON object.", code="invalid_json")
-            return JSONResponse(await record_feedback(gateway, payload, caller))
+            return JSONResponse(await record_feedback(service, payload, caller))
         except GatewayError as err:
-            return err.response()
+            return error_response(err)
 
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_document())
 
+    async def unknown_path(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 405:
+            err = GatewayError(405, f"Method {request.method} is not allowed on {request.url.path}.",
+                               code="method_not_allowed")
+        else:
+            err = not_found(f"Unknown request URL: {request.method} {request.url.path}.", code="unknown_url")
+        return error_response(err)
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s", request.url.path)
+        return error_response(internal_error())
+
     app = Starlette(
         routes=[
             Route("/openapi.json", openapi, methods=["GET"]),
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/chat/completions", api("chat"), methods=["POST"]),
+            Route("/chat/completions", api("chat"), methods=["POST"]),
+            Route("/v1/completions", api("completions"), methods=["POST"]),
+            Route("/v1/embeddings", api("embeddings"), methods=["POST"]),
+            Route("/v1/responses", api("responses"), methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{model:path}", model, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/v1/feedback", feedback, methods=["POST"]),
         ],
+        exception_handlers={HTTPException: unknown_path, Exception: unexpected},
         lifespan=lifespan,
     )
-    app.state.gateway = gateway
-    return HeaderLimit(app, lambda: gateway.settings.limits.max_header_bytes)
+    app.state.gateway = service
+    limits = lambda: service.settings.limits  # noqa: E731  (read per request: a reload applies at once)
+    return BodyLimit(HeaderLimit(app, lambda: limits().max_header_bytes),
+                     lambda: limits().max_body_bytes, lambda: limits().body_timeout)
 
 
 class HeaderLimit:
@@ -112,26 +148,7 @@ class HeaderLimit:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and sum(len(k) + len(v) for k, v in scope["headers"]) > self.limit():
-            response = GatewayError(431, "Request headers are too large.", code="headers_too_large").response()
-            await response(scope, receive, send)
+            await error_response(GatewayError(431, "Request headers are too large.", code="headers_too_large"))(
+                scope, receive, send)
             return
         await self.app(scope, receive, send)
-
-
-async def _sse(served: Served, include_usage: bool):
-    """The chosen completion as OpenAI chat.completion.chunk events, ending in [DONE]."""
-    body = served.body
-    base = {"id": body["id"], "object": "chat.completion.chunk", "created": body["created"], "model": body["model"]}
-
-    def event(delta: dict, finish: str | None = None, **extra) -> str:
-        chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
-        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-
-    yield event({"role": "assistant", "content": ""})
-    text = served.text
-    for i in range(0, len(text), CHUNK_CHARS):
-        yield event({"content": text[i:i + CHUNK_CHARS]})
-    yield event({}, served.finish_reason, **({"iapo": body["iapo"]} if "iapo" in body else {}))
-    if include_usage:
-        yield f"data: {json.dumps({**base, 'choices': [], 'usage': body['usage']})}\n\n"
-    yield "data: [DONE]\n\n"

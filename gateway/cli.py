@@ -30,13 +30,17 @@ def cmd_serve(args) -> int:
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # several processes: metrics go through prometheus-client's multiprocess files
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="iapo-metrics-")
+    from gateway.connections import ConnectionLimits, raise_open_file_limit, uvicorn_options
+
     try:
-        load_config()  # fail fast with a message naming the field
+        settings = load_config()  # fail fast with a message naming the field
     except ConfigError as exc:
         print(f"iapo: {exc}", file=sys.stderr)
         return 2
+    raise_open_file_limit()  # before uvicorn.run: spawned workers inherit it
+    limits = ConnectionLimits.from_config(settings.limits)
     uvicorn.run("gateway.cli:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level, access_log=False)
+                log_level=args.log_level, access_log=False, **uvicorn_options(limits, workers=args.workers))
     return 0
 
 
@@ -44,6 +48,7 @@ def cmd_demo(args) -> int:
     import uvicorn
     import yaml
 
+    from gateway.connections import ConnectionLimits, uvicorn_options
     from gateway.app import create_app
     from gateway.config import load_config
     from sandbox.demo import DEMO_KEYS, demo_config
@@ -54,7 +59,7 @@ def cmd_demo(args) -> int:
     mv, bon = synthetic_mv(seed=args.seed), synthetic_bon(seed=args.seed)
     replay = ServerThread(create_replay_app({"replay-mv": mv, "replay-bon": bon}, seed=args.seed),
                           port=args.upstream_port).start()
-    config = demo_config(replay.url, args.db, mv, bon)
+    config = demo_config(replay.url, os.path.abspath(args.db), mv, bon)  # absolute: `iapo train` works from anywhere
     path = os.path.join(tempfile.mkdtemp(prefix="iapo-demo-"), "demo.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
@@ -73,7 +78,8 @@ after some traffic (20+ distinct queries per route), learn and publish a policy 
   iapo train --config {path}
 """, flush=True)
     try:
-        uvicorn.run(create_app(settings, path), host=args.host, port=args.port, log_level="warning", access_log=False)
+        uvicorn.run(create_app(settings, path), host=args.host, port=args.port, log_level="warning", access_log=False,
+                    **uvicorn_options(ConnectionLimits.from_config(settings.limits)))
     finally:
         replay.stop()
     return 0

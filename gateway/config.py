@@ -25,8 +25,11 @@ class Price(Strict):
     completion_per_1k: float = Field(0.0, ge=0)
 
 
+DIRECT_PROVIDERS = ("openai", "custom_openai", "hosted_vllm")  # litellm provider prefixes that speak OpenAI's API
+
+
 class Upstream(Strict):
-    """An upstream model reached through litellm."""
+    """An upstream model: a direct OpenAI-compatible endpoint, or any provider litellm knows."""
 
     model: str
     api_base: str | None = None
@@ -35,20 +38,48 @@ class Upstream(Strict):
     retries: int = Field(1, ge=0)
     max_concurrency: int = Field(64, ge=1)
     supports_n: bool = True
-    # litellm: any provider litellm knows (translation, auth, pricing). openai: a direct pooled call to an
-    # OpenAI-compatible api_base, skipping litellm's ~5 ms of CPU per call (prices still from litellm).
-    transport: Literal["litellm", "openai"] = "litellm"
+    # openai: bodies and streams forwarded as they are to an OpenAI-compatible api_base (no translation, no
+    # litellm on the request path). litellm: any provider litellm knows (translation, auth). auto (default):
+    # openai for `openai/...` (and vLLM) models, litellm for every other provider.
+    transport: Literal["auto", "litellm", "openai"] = "auto"
     price: Price | None = None
     fallback: str | None = None
 
+    @property
+    def provider(self) -> str | None:
+        """The litellm provider prefix of `model` (`openai/gpt-4o` -> `openai`), None without one."""
+        prefix, sep, _ = self.model.partition("/")
+        return prefix if sep else None
+
+    @property
+    def direct(self) -> bool:
+        """True when calls go straight to an OpenAI-compatible endpoint (transport openai, or auto)."""
+        if self.transport != "auto":
+            return self.transport == "openai"
+        return self.provider in DIRECT_PROVIDERS or (self.provider is None and self.api_base is not None)
+
+    @property
+    def wire_model(self) -> str:
+        """The model name the provider expects in the body (provider prefix stripped for direct calls)."""
+        return self.model.split("/", 1)[-1] if self.direct and self.provider in DIRECT_PROVIDERS else self.model
+
     @model_validator(mode="after")
-    def _openai_transport_needs_base(self) -> "Upstream":
-        if self.transport == "openai" and not self.api_base:
+    def _direct_transport_needs_base(self) -> "Upstream":
+        if self.transport == "openai" and not self.api_base and self.provider not in (None, "openai"):
             raise ValueError("transport 'openai' needs an api_base")
         return self
 
+    def base_url(self) -> str:
+        return (self.api_base or "https://api.openai.com/v1").rstrip("/")
+
     def api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) if self.api_key_env else None
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env)
+        return os.environ.get("OPENAI_API_KEY") if self.direct and not self.api_base else None
+
+
+DECODING_PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "presence_penalty",
+                   "frequency_penalty", "stop", "seed", "reasoning_effort")
 
 
 class Prompt(Strict):
@@ -61,10 +92,9 @@ class Prompt(Strict):
 
     @model_validator(mode="after")
     def _known_params(self) -> "Prompt":
-        allowed = {"temperature", "top_p", "max_tokens", "presence_penalty", "frequency_penalty", "stop", "seed"}
-        unknown = set(self.params) - allowed
+        unknown = set(self.params) - set(DECODING_PARAMS)
         if unknown:
-            raise ValueError(f"unknown decoding parameter(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+            raise ValueError(f"unknown decoding parameter(s) {sorted(unknown)}; allowed: {list(DECODING_PARAMS)}")
         return self
 
 
@@ -116,6 +146,9 @@ class Route(Strict):
     objectives: list[Objective] = Field(default_factory=list)
     start: dict[str, StartArm] = Field(default_factory=dict)
     verifier: Verifier | None = None
+    # decoding settings where a caller's value replaces the arm's (README: "Caller fields on a route");
+    # by default the arm's settings win, except that a smaller max_tokens from the caller is honoured
+    caller_overrides: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Route":
@@ -127,6 +160,9 @@ class Route(Strict):
         for tier, arm in self.start.items():
             if arm.prompt not in ids:
                 raise ValueError(f"start.{tier}.prompt {arm.prompt!r} is not one of the route's prompts {ids}")
+        unknown = set(self.caller_overrides) - set(DECODING_PARAMS)
+        if unknown:
+            raise ValueError(f"caller_overrides {sorted(unknown)} are not decoding parameters {list(DECODING_PARAMS)}")
         return self
 
     def prompt(self, prompt_id: str) -> Prompt:
@@ -158,6 +194,8 @@ class Tier(Strict):
     caps: dict[Window, CapLimit] = Field(default_factory=dict)  # for the whole tier
     key_caps: dict[Window, CapLimit] = Field(default_factory=dict)  # for each API key of the tier
     on_exhausted: Literal["reject", "degrade"] = "reject"
+    # which models (routes and upstreams, fnmatch patterns) callers of this tier may name
+    models: list[str] = Field(default_factory=lambda: ["*"])
 
 
 class ApiKey(Strict):
@@ -166,6 +204,14 @@ class ApiKey(Strict):
     hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
     tier: str
     name: str = ""
+    models: list[str] | None = None  # narrows the tier's models for this key
+
+
+class AccessConfig(Strict):
+    """Who may call: `require_key` refuses anonymous callers (401); otherwise they get `default_tier`."""
+
+    require_key: bool = False
+    anonymous_feedback: bool = False  # may anonymous callers attach feedback to anonymous responses
 
 
 class StoreConfig(Strict):
@@ -173,6 +219,14 @@ class StoreConfig(Strict):
     queue_size: int = Field(10_000, ge=1)
     batch_size: int = Field(256, ge=1)
     policy_poll_seconds: float = Field(1.0, gt=0)
+    # after_commit: a response leaves once its log rows are committed (a crash loses nothing answered);
+    # queued: once they are queued (a crash loses what was still queued)
+    ack: Literal["after_commit", "queued"] = "after_commit"
+    ack_timeout: float = Field(5.0, gt=0)
+    # while the store cannot write: refuse new requests with 503 before any upstream call, or buffer
+    # up to queue_size requests in memory and refuse beyond that
+    on_write_failure: Literal["refuse", "buffer"] = "refuse"
+    reservation_grace_seconds: float = Field(30.0, ge=0)  # a reservation expires at its request's deadline + this
 
 
 class TrainConfig(Strict):
@@ -204,6 +258,12 @@ class Limits(Strict):
     max_header_bytes: int = 32_768
     max_messages: int = 256
     max_tokens: int = 32_768
+    max_json_depth: int = Field(64, ge=4)
+    stream_keepalive_seconds: float = Field(10.0, gt=0)  # SSE comments while N > 1 completions are drawn
+    header_timeout: float = Field(10.0, gt=0)  # request line and headers must arrive within this
+    idle_timeout: float = Field(5.0, gt=0)  # a connection with no request in flight is closed after this
+    body_timeout: float = Field(30.0, gt=0)  # a body that stops arriving for this long gets 408
+    max_connections: int | None = Field(None, ge=1)  # per process; default: from the open-file limit
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -238,6 +298,7 @@ class Settings(BaseSettings):
     tiers: list[Tier] = Field(default_factory=lambda: [Tier(name="default")])
     default_tier: str | None = None
     api_keys: list[ApiKey] = Field(default_factory=list)
+    access: AccessConfig = Field(default_factory=AccessConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     limits: Limits = Field(default_factory=Limits)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -278,6 +339,8 @@ class Settings(BaseSettings):
         for name, up in self.upstreams.items():
             if up.fallback is not None and up.fallback not in self.upstreams:
                 raise ValueError(f"upstreams.{name}.fallback {up.fallback!r} is not an upstream")
+            if up.fallback == name:
+                raise ValueError(f"upstreams.{name}.fallback names itself")
         return self
 
     def tier(self, name: str) -> Tier:

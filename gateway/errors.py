@@ -1,7 +1,8 @@
-"""OpenAI-style errors: one exception type, mapped to a JSON body in one place."""
-from __future__ import annotations
+"""The gateway's domain errors: each carries the HTTP status and OpenAI error fields it maps to.
 
-from starlette.responses import JSONResponse
+Pure values: the HTTP edge (`gateway.app`) turns them into responses through `gateway.openai_wire`.
+"""
+from __future__ import annotations
 
 
 class GatewayError(Exception):
@@ -17,24 +18,39 @@ class GatewayError(Exception):
         self.param = param
         self.headers = headers or {}
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+class UpstreamRejected(GatewayError):
+    """The upstream refused a forwarded request itself (a 4xx): its status and error body go back as they are."""
+
+    def __init__(self, status: int, body: dict | None, message: str) -> None:
+        super().__init__(status, message, code="upstream_rejected")
+        self.body = body
 
 
 def invalid(message: str, *, param: str | None = None, code: str = "invalid_value") -> GatewayError:
     return GatewayError(400, message, param=param, code=code)
 
 
-def unauthorized(message: str = "Incorrect API key provided.") -> GatewayError:
-    return GatewayError(401, message, type="authentication_error", code="invalid_api_key")
+def unauthorized(message: str = "Incorrect API key provided.", code: str = "invalid_api_key") -> GatewayError:
+    return GatewayError(401, message, type="authentication_error", code=code)
 
 
 def not_found(message: str, *, code: str = "not_found", param: str | None = None) -> GatewayError:
     return GatewayError(404, message, code=code, param=param)
 
 
+def model_not_found(model: str) -> GatewayError:
+    return not_found(f"The model `{model}` does not exist or you do not have access to it.",
+                     code="model_not_found", param="model")
+
+
 def upstream_failed(message: str) -> GatewayError:
     return GatewayError(502, message, type="upstream_error", code="upstream_failed")
+
+
+def store_unavailable(message: str) -> GatewayError:
+    return GatewayError(503, message, type="server_error", code="store_unavailable", headers={"retry-after": "5"})
+
+
+def internal_error() -> GatewayError:
+    return GatewayError(500, "The gateway failed to serve this request.", type="server_error", code="internal_error")

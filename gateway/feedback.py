@@ -1,7 +1,11 @@
-"""POST /v1/feedback: attach a gold answer or a score to a response served to the same tier."""
+"""POST /v1/feedback: attach a gold answer or a score to a response served to the same caller.
+
+A response belongs to the key it was served to; anonymous responses take anonymous feedback only
+when `access.anonymous_feedback` allows it. One gold and one score per objective per response: a
+later one replaces the earlier (so a wrong label can be corrected).
+"""
 from __future__ import annotations
 
-import asyncio
 import time
 
 from gateway.access import Caller
@@ -29,25 +33,28 @@ def _validate(payload: dict) -> tuple[str, object, object, object]:
     return request_id, gold, score, objective
 
 
+def _owned_by(row: dict, caller: Caller, anonymous_feedback: bool) -> bool:
+    if caller.key_id is not None:
+        return row.get("key_id") == caller.key_id
+    return anonymous_feedback and row.get("key_id") is None and row["tier"] == caller.tier.name
+
+
 async def record_feedback(gateway, payload: dict, caller: Caller) -> dict:
     """Store the feedback for training; for MV with gold, count accuracy and the served utility."""
     request_id, gold, score, objective = _validate(payload)
-    row = await asyncio.to_thread(find_request, gateway.db, request_id)
+    row = find_request(gateway.db, request_id)
     if row is None:
         await gateway.writer.aflush(timeout=5.0)
-        row = await asyncio.to_thread(find_request, gateway.db, request_id)
-    if row is None or row["tier"] != caller.tier.name:
-        raise not_found(f"No response with id {request_id!r} was served to this caller.", param="id")
+        row = find_request(gateway.db, request_id)
     rt = gateway.rt
-    gold_text = None
-    if gold is not None:
-        extract = rt.extractors.get(row["route"]) if row["route"] else None
-        gold_text = (extract(f"Final answer: {gold}") if extract else None) or str(gold).strip()
+    if row is None or not _owned_by(row, caller, rt.settings.access.anonymous_feedback):
+        raise not_found(f"No response with id {request_id!r} was served to this caller.", param="id")
+    gold_text = rt.gold(row["route"], gold) if gold is not None else None
     await gateway.writer.submit(FeedbackLog({"request_id": request_id, "created": time.time(), "gold": gold_text,
                                              "score": score, "objective": objective}))
     result = {"id": request_id, "object": "feedback", "recorded": True}
     if gold_text is not None and row["aggregator"] == "mv":
-        answers = await asyncio.to_thread(completion_answers, gateway.db, request_id)
+        answers = completion_answers(gateway.db, request_id)
         credit = float(mv_credit(answers_to_counts(answers, gold_text)))
         correct = row["chosen_answer"] == gold_text
         gateway.metrics.accuracy.labels(row["route"], row["tier"], str(correct).lower()).inc()

@@ -18,7 +18,9 @@ class GatewayMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("iapo_requests", "Chat requests served", ["route", "tier", "prompt", "n", "status"], registry=r)
+        # status: what the client got (499: it left before the end of a stream); "-": not resolved that far
+        self.requests = Counter("iapo_requests", "Requests by route (or upstream:<name>), tier, arm and status",
+                                ["route", "tier", "prompt", "n", "status", "endpoint"], registry=r)
         self.completions = Counter("iapo_completions", "Upstream completions drawn", ["route", "tier", "kind"], registry=r)
         self.tokens = Counter("iapo_tokens", "Tokens by kind", ["route", "tier", "kind"], registry=r)
         self.cost = Counter("iapo_cost_dollars", "Upstream cost in dollars", ["route", "tier", "kind"], registry=r)
@@ -43,6 +45,15 @@ class GatewayMetrics:
                                          ["tier", "cap"], registry=r)
         self.budget_degradations = Counter("iapo_budget_degradations", "Requests served with fewer completions to fit a cap",
                                            ["route", "tier"], registry=r)
+        self.store_up = Gauge("iapo_store_up", "1 while the request log is being written, 0 while writes fail",
+                              registry=r, multiprocess_mode="livemin")
+        self.store_up.set(1)
+        self.log_oldest = Gauge("iapo_log_oldest_queued_seconds", "Age of the oldest log record not yet written",
+                                registry=r, multiprocess_mode="livemax")
+        self.deferred_settles = Gauge("iapo_deferred_settles", "Settles waiting for the ledger to accept writes",
+                                      registry=r, multiprocess_mode="livesum")
+        self.reservations_released = Counter("iapo_reservations_released", "Expired reservations released",
+                                             registry=r)
         self.config_reloads = Counter("iapo_config_reloads", "Config reload attempts", ["result"], registry=r)
         self.config_ok = Gauge("iapo_config_last_reload_ok", "1 if the last config reload was accepted", registry=r,
                                multiprocess_mode="min")

@@ -1,5 +1,10 @@
-"""The gateway's own OpenAPI document, served at /openapi.json (used by API fuzzing)."""
+"""The gateway's OpenAPI document, served at /openapi.json: request schemas are generated from the
+same pydantic definitions that validate requests (`gateway.request`), so fuzzing tests what is served."""
 from __future__ import annotations
+
+from functools import lru_cache
+
+from gateway.request import SCHEMAS
 
 ERROR = {
     "type": "object", "required": ["error"],
@@ -7,30 +12,11 @@ ERROR = {
                              "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                                             "code": {"type": ["string", "null"]}, "param": {"type": ["string", "null"]}}}},
 }
-MESSAGE = {
-    "type": "object", "required": ["role"],
-    "properties": {
-        "role": {"type": "string", "enum": ["system", "user", "assistant", "tool", "developer"]},
-        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {
-            "type": "object", "required": ["type"], "properties": {"type": {"type": "string"}, "text": {"type": "string"}}}}]},
-        "name": {"type": "string"},
-    },
-}
-CHAT_REQUEST = {
-    "type": "object", "required": ["model", "messages"],
-    "properties": {
-        "model": {"type": "string", "minLength": 1},
-        "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
-        "stream": {"type": "boolean"},
-        "n": {"type": "integer", "minimum": 1, "maximum": 128},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-        "max_tokens": {"type": "integer", "minimum": 1},
-        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
-        "seed": {"type": "integer"},
-        "user": {"type": "string"},
-    },
-}
+OPERATIONS = {"chat": ("/v1/chat/completions", "createChatCompletion"), "completions": ("/v1/completions", "createCompletion"),
+              "embeddings": ("/v1/embeddings", "createEmbedding"), "responses": ("/v1/responses", "createResponse")}
+FEEDBACK = {"type": "object", "required": ["id"],
+            "properties": {"id": {"type": "string"}, "gold": {"type": "string"}, "score": {"type": "number"},
+                           "objective": {"type": "string"}}}
 
 
 def _json(schema: dict) -> dict:
@@ -41,27 +27,45 @@ def _errors(*statuses: int) -> dict:
     return {str(s): {"description": "OpenAI-style error", **_json(ERROR)} for s in statuses}
 
 
+def _components() -> tuple[dict, dict]:
+    """Each endpoint's request schema and the shared definitions, with refs into components/schemas."""
+    schemas, requests = {}, {}
+    for endpoint, model in SCHEMAS.items():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+        requests[endpoint] = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return schemas, requests
+
+
+@lru_cache(maxsize=1)
 def openapi_document() -> dict:
+    schemas, requests = _components()
+    paths = {}
+    for endpoint, (path, operation) in OPERATIONS.items():
+        paths[path] = {"post": {
+            "operationId": operation,
+            "requestBody": {"required": True, **_json(requests[endpoint])},
+            "responses": {"200": {"description": "the provider's answer, or SSE events when stream is true",
+                                  **_json({"type": "object"})},
+                          **_errors(400, 401, 404, 413, 429, 502, 503)}}}
+    paths["/v1/models"] = {"get": {"operationId": "listModels", "responses": {
+        "200": {"description": "the routes and upstreams this caller may name", **_json({"type": "object"})},
+        **_errors(401)}}}
+    paths["/v1/models/{model}"] = {"get": {
+        "operationId": "retrieveModel",
+        "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "one model", **_json({"type": "object"})}, **_errors(401, 404)}}}
+    paths["/healthz"] = {"get": {"operationId": "health", "responses": {
+        "200": {"description": "ok", **_json({"type": "object"})},
+        "503": {"description": "the store cannot write", **_json({"type": "object"})}}}}
+    paths["/v1/feedback"] = {"post": {
+        "operationId": "createFeedback", "requestBody": {"required": True, **_json(FEEDBACK)},
+        "responses": {"200": {"description": "recorded", **_json({"type": "object"})}, **_errors(400, 401, 404)}}}
     return {
         "openapi": "3.1.0",
-        "info": {"title": "iapo-gateway", "version": "0.1.0",
+        "info": {"title": "iapo-gateway", "version": "0.2.0",
                  "description": "OpenAI-compatible gateway that chooses prompt and N per route and budget tier."},
-        "paths": {
-            "/v1/chat/completions": {"post": {
-                "operationId": "createChatCompletion",
-                "requestBody": {"required": True, **_json(CHAT_REQUEST)},
-                "responses": {"200": {"description": "chat.completion, or SSE chunks when stream is true",
-                                      **_json({"type": "object"})},
-                              **_errors(400, 401, 404, 413, 429, 502)}}},
-            "/v1/models": {"get": {"operationId": "listModels",
-                                   "responses": {"200": {"description": "routes and upstreams", **_json({"type": "object"})}}}},
-            "/healthz": {"get": {"operationId": "health", "responses": {"200": {"description": "ok", **_json({"type": "object"})}}}},
-            "/v1/feedback": {"post": {
-                "operationId": "createFeedback",
-                "requestBody": {"required": True, **_json({
-                    "type": "object", "required": ["id"],
-                    "properties": {"id": {"type": "string"}, "gold": {"type": "string"}, "score": {"type": "number"},
-                                   "objective": {"type": "string"}}})},
-                "responses": {"200": {"description": "recorded", **_json({"type": "object"})}, **_errors(400, 401, 404)}}},
-        },
+        "paths": paths,
+        "components": {"schemas": schemas},
     }

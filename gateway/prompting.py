@@ -1,15 +1,10 @@
-"""Applying a prompt to a caller's messages, and the identity of a query."""
+"""Applying an arm's prompt to a caller's request: messages, and who wins on decoding settings."""
 from __future__ import annotations
 
-import hashlib
-import json
-
 from gateway.config import Route
+from gateway.records import query_key  # noqa: F401  (re-exported for the trainer)
 
-
-def query_key(messages: list[dict]) -> str:
-    """Stable identity of a caller's query (its messages), for deduplicating training queries."""
-    return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
+TOKEN_LIMITS = ("max_tokens", "max_completion_tokens")
 
 
 def render_messages(route: Route, prompt_id: str, messages: list[dict]) -> list[dict]:
@@ -32,10 +27,36 @@ def render_messages(route: Route, prompt_id: str, messages: list[dict]) -> list[
     return out
 
 
-def merge_params(caller: dict, prompt_params: dict) -> dict:
-    """The arm's decoding settings win; a caller's smaller max_tokens is honoured."""
-    params = {**caller, **prompt_params}
-    for name in ("max_tokens", "max_completion_tokens"):
-        if name in caller and name in prompt_params:
-            params[name] = min(caller[name], prompt_params[name])
-    return params
+def merge_params(caller: dict, prompt_params: dict, caller_overrides=()) -> tuple[dict, list[str]]:
+    """Decoding settings of a routed request, and the caller's fields the arm replaced.
+
+    The arm's settings win (they were learned together with its prompt and N), except for the
+    route's `caller_overrides`; a token limit is the smaller of the caller's and the arm's, sent
+    under the caller's name for it (`max_tokens` or `max_completion_tokens`).
+    """
+    params = dict(caller)
+    overridden = []
+    caller_limit_name = next((k for k in TOKEN_LIMITS if caller.get(k) is not None), None)
+    for name, value in prompt_params.items():
+        if name in caller_overrides and caller.get(name) is not None:
+            continue
+        if name in TOKEN_LIMITS:
+            if caller_limit_name is None:
+                params[name] = value
+            elif caller[caller_limit_name] > value:
+                params[caller_limit_name] = value
+                overridden.append(caller_limit_name)
+            continue
+        if name in caller and caller[name] != value:
+            overridden.append(name)
+        params[name] = value
+    return params, sorted(set(overridden))
+
+
+def apply_arm(route: Route, prompt_id: str, caller_body: dict, owned: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """The upstream body for a routed request: the caller's fields the gateway does not own, the arm's
+    decoding settings by the precedence rule, the prompt applied to the messages."""
+    fields = {k: v for k, v in caller_body.items() if k not in owned}
+    body, overridden = merge_params(fields, route.prompt(prompt_id).params, route.caller_overrides)
+    body["messages"] = render_messages(route, prompt_id, caller_body["messages"])
+    return body, overridden

@@ -1,116 +1,216 @@
-"""Parsing and validating an OpenAI chat request body into a plain value."""
+"""Request bodies of the OpenAI endpoints: one set of definitions validates them and documents them.
+
+The pydantic models below only *check* a body; what reaches an upstream is the caller's own JSON
+(fields the gateway does not own pass through unchanged). `/openapi.json` is generated from the
+same models, so what the fuzzer is told is what the parser accepts.
+"""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.config import Limits
 from gateway.errors import GatewayError, invalid
 
-ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
-NUMERIC = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "presence_penalty": (-2.0, 2.0),
-           "frequency_penalty": (-2.0, 2.0)}
-PASSTHROUGH = {"temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
-               "presence_penalty", "frequency_penalty", "user", "response_format", "logit_bias",
-               "tools", "tool_choice"}
+ENDPOINTS = ("chat", "completions", "embeddings", "responses")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+class _Open(BaseModel):
+    """Known fields are type-checked strictly; unknown ones are allowed and forwarded as sent."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class ContentPart(_Open):
+    type: str
+
+
+class ChatMessage(_Open):
+    role: Literal["system", "user", "assistant", "tool", "developer", "function"]
+    content: Union[str, list[ContentPart], None] = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _content_required(self) -> "ChatMessage":
+        if self.content is None and self.role in ("system", "user", "developer"):
+            raise ValueError("content is required for this role")
+        return self
+
+
+class StreamOptions(_Open):
+    include_usage: bool | None = None
+
+
+Stop = Union[str, Annotated[list[str], Field(max_length=4)], None]
+
+
+class ChatRequest(_Open):
+    """POST /v1/chat/completions."""
+
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1, le=128)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: Stop = None
+    seed: int | None = None
+    user: str | None = None
+    response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool | None = None
+    metadata: dict[str, str] | None = None
+
+
+class CompletionRequest(_Open):
+    """POST /v1/completions (legacy text completions)."""
+
+    model: str = Field(min_length=1)
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1, le=128)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    stop: Stop = None
+
+
+class EmbeddingRequest(_Open):
+    """POST /v1/embeddings."""
+
+    model: str = Field(min_length=1)
+    input: Union[str, list[str], list[int], list[list[int]]]
+    dimensions: int | None = Field(None, ge=1)
+    encoding_format: Literal["float", "base64"] | None = None
+
+
+class ResponsesRequest(_Open):
+    """POST /v1/responses."""
+
+    model: str = Field(min_length=1)
+    input: Union[str, list[dict[str, Any]], None] = None
+    stream: bool | None = False
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+
+
+SCHEMAS: dict[str, type[_Open]] = {"chat": ChatRequest, "completions": CompletionRequest,
+                                   "embeddings": EmbeddingRequest, "responses": ResponsesRequest}
+TOKEN_LIMITS = {"chat": ("max_tokens", "max_completion_tokens"), "completions": ("max_tokens",),
+                "responses": ("max_output_tokens",), "embeddings": ()}
 
 
 @dataclass
-class ChatRequest:
+class ApiCall:
+    """A validated request: the caller's body as sent, and what the gateway reads from it."""
+
+    endpoint: str
+    body: dict
     model: str
-    messages: list[dict]
     stream: bool = False
-    n: int = 1
-    params: dict[str, Any] = field(default_factory=dict)
     include_usage: bool = False
+    n: int = 1
+
+    @property
+    def messages(self) -> list[dict]:
+        return self.body.get("messages") or []
 
 
-def parse_chat_request(raw: bytes, limits: Limits) -> ChatRequest:
-    """Validate the body; raise a 400 GatewayError naming the offending parameter."""
+def parse_call(endpoint: str, raw: bytes, limits: Limits) -> ApiCall:
+    """Validate a body for `endpoint`; raise a 4xx GatewayError naming the offending parameter."""
     if len(raw) > limits.max_body_bytes:
         raise GatewayError(413, f"Request body of {len(raw)} bytes exceeds the limit of {limits.max_body_bytes}.",
                            code="body_too_large")
+    body = _load_json(raw, limits)
+    try:
+        SCHEMAS[endpoint].model_validate(body)
+    except ValidationError as exc:
+        raise _as_invalid(exc) from None
+    if endpoint == "chat" and len(body["messages"]) > limits.max_messages:
+        raise invalid(f"'messages' has {len(body['messages'])} items; the limit is {limits.max_messages}.",
+                      param="messages", code="array_above_max_length")
+    for name in TOKEN_LIMITS[endpoint]:
+        value = body.get(name)
+        if value is not None and value > limits.max_tokens:
+            raise invalid(f"Invalid value for '{name}': expected an integer from 1 to {limits.max_tokens}.", param=name)
+    streams = endpoint in ("chat", "completions", "responses")  # the others have no `stream` field
+    options = body.get("stream_options") if endpoint in ("chat", "completions") else None
+    n = body.get("n") if endpoint in ("chat", "completions") else None
+    return ApiCall(endpoint=endpoint, body=body, model=body["model"], stream=streams and body.get("stream") is True,
+                   include_usage=isinstance(options, dict) and options.get("include_usage") is True, n=n or 1)
+
+
+def _load_json(raw: bytes, limits: Limits) -> dict:
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise invalid(f"The JSON body nests deeper than {limits.max_json_depth} levels.", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise invalid(f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.", code="invalid_json")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise invalid("you must provide a model parameter", param="model", code="missing_required_parameter")
-    messages = body.get("messages")
-    if messages is None:
-        raise invalid("Missing required parameter: 'messages'.", param="messages", code="missing_required_parameter")
-    if not isinstance(messages, list):
-        raise invalid("Invalid type for 'messages': expected an array.", param="messages", code="invalid_type")
-    if not messages:
-        raise invalid("'messages' must contain at least one message.", param="messages", code="empty_array")
-    if len(messages) > limits.max_messages:
-        raise invalid(f"'messages' has {len(messages)} items; the limit is {limits.max_messages}.", param="messages",
-                      code="array_above_max_length")
-    for i, m in enumerate(messages):
-        _check_message(i, m)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise invalid("Invalid type for 'stream': expected a boolean.", param="stream", code="invalid_type")
-    n = body.get("n", 1)
-    if n is None:
-        n = 1
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n > 128:
-        raise invalid("Invalid value for 'n': expected an integer from 1 to 128.", param="n")
-    params = {k: body[k] for k in PASSTHROUGH if body.get(k) is not None}
-    for name, (lo, hi) in NUMERIC.items():
-        if name in params:
-            v = params[name]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-                raise invalid(f"Invalid value for '{name}': expected a number from {lo} to {hi}.", param=name)
-    for name in ("max_tokens", "max_completion_tokens"):
-        if name in params:
-            v = params[name]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v > limits.max_tokens:
-                raise invalid(f"Invalid value for '{name}': expected an integer from 1 to {limits.max_tokens}.",
-                              param=name)
-    _check_passthrough(params)
-    options = body.get("stream_options") or {}
-    include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
-    return ChatRequest(model=model, messages=messages, stream=stream, n=n, params=params, include_usage=include_usage)
+    if _depth_exceeds(body, limits.max_json_depth):
+        raise invalid(f"The JSON body nests deeper than {limits.max_json_depth} levels.", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(raw):  # a lone surrogate parses, then fails every encoder downstream
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid("The JSON body contains an unpaired UTF-16 surrogate (\\ud800-\\udfff): not valid Unicode.",
+                          code="invalid_json") from None
+    return body
 
 
-def _check_message(i: int, m: Any) -> None:
-    if not isinstance(m, dict):
-        raise invalid(f"Invalid type for 'messages[{i}]': expected an object.", param=f"messages[{i}]",
-                      code="invalid_type")
-    role = m.get("role")
-    if not isinstance(role, str) or role not in ROLES:
-        raise invalid(f"Invalid value for 'messages[{i}].role': expected one of {sorted(ROLES)}.",
-                      param=f"messages[{i}].role")
-    content = m.get("content")
-    if content is None and role not in {"assistant", "tool", "function"}:
-        raise invalid(f"Missing required parameter: 'messages[{i}].content'.", param=f"messages[{i}].content",
-                      code="missing_required_parameter")
-    if content is not None and not isinstance(content, (str, list)):
-        raise invalid(f"Invalid type for 'messages[{i}].content': expected a string or an array of parts.",
-                      param=f"messages[{i}].content", code="invalid_type")
-    if isinstance(content, list):
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise invalid(f"Invalid type for 'messages[{i}].content[{j}]': expected an object with a type.",
-                              param=f"messages[{i}].content[{j}]", code="invalid_type")
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """True when containers nest deeper than `limit` (iterative: no recursion on hostile input)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
-def _check_passthrough(params: dict) -> None:
-    """Types of the parameters passed on to the upstream, so a bad one is a 400 here, not an upstream 5xx."""
-    stop = params.get("stop")
-    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= 4
-                                                            and all(isinstance(s, str) for s in stop))):
-        raise invalid("Invalid value for 'stop': expected a string or up to 4 strings.", param="stop")
-    checks = {"seed": int, "user": str, "response_format": dict, "logit_bias": dict, "tools": list}
-    for name, kind in checks.items():
-        value = params.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
-            raise invalid(f"Invalid type for '{name}': expected {kind.__name__}.", param=name, code="invalid_type")
-    choice = params.get("tool_choice")
-    if choice is not None and not isinstance(choice, (str, dict)):
-        raise invalid("Invalid type for 'tool_choice'.", param="tool_choice", code="invalid_type")
+def _as_invalid(exc: ValidationError) -> GatewayError:
+    """The first validation problem as OpenAI's 400, e.g. `Invalid type for 'messages[0].content'`."""
+    error = exc.errors(include_url=False)[0]
+    param = _param(error["loc"])
+    kind = error["type"]
+    if kind == "missing":
+        return invalid(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if kind.endswith("_type") or kind in ("model_type", "dict_type", "list_type", "union_tag_invalid"):
+        return invalid(f"Invalid type for '{param}': {error['msg']}.", param=param, code="invalid_type")
+    if kind == "too_short" and param == "messages":
+        return invalid("'messages' must contain at least one message.", param=param, code="empty_array")
+    return invalid(f"Invalid value for '{param}': {error['msg']}.", param=param or None)
+
+
+def _param(loc: tuple) -> str:
+    """('messages', 0, 'role') -> 'messages[0].role', dropping pydantic's union-branch labels."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or part.startswith(("list[", "dict[", "constrained-"))
+                                        or part[:1].isupper() or part.startswith("function-")):
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out

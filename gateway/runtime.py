@@ -1,18 +1,21 @@
-"""Everything derived from one configuration; a reload builds a new Runtime and swaps one reference."""
+"""Everything built from one configuration, for serving and training alike; a reload builds a new
+Runtime and swaps one reference."""
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Callable
 
 import httpx
 import numpy as np
 
 from gateway.config import Route, Settings, Tier
-from gateway.metrics import GatewayMetrics
 from gateway.scorers import RouteScorer
-from gateway.upstream import UPSTREAM_ERROR_KINDS, UpstreamClient
+from gateway.upstream import UpstreamClient
 from policies.aggregate import AnswerExtractor
+from policies.arms import Arm
 from policies.budget import Cap
 
 
@@ -29,15 +32,15 @@ class Runtime:
     scorers: dict[str, RouteScorer]
     extractors: dict[str, AnswerExtractor]
     key_to_tier: dict[str, str]
+    key_models: dict[str, list[str] | None]
     prompt_versions: dict[tuple[str, str], str]
 
     @classmethod
-    def build(cls, settings: Settings, http: httpx.AsyncClient, metrics: GatewayMetrics) -> "Runtime":
-        upstreams = {name: UpstreamClient(name, cfg) for name, cfg in settings.upstreams.items()}
+    def build(cls, settings: Settings, http: httpx.AsyncClient,
+              on_upstream_error: Callable[[str, str], None] | None = None) -> "Runtime":
+        upstreams = {name: UpstreamClient(name, cfg, on_error=on_upstream_error)
+                     for name, cfg in settings.upstreams.items()}
         for name, cfg in settings.upstreams.items():
-            upstreams[name].on_error = lambda up, kind: metrics.upstream_errors.labels(up, kind).inc()
-            for kind in UPSTREAM_ERROR_KINDS:  # export zeros, so rates and alerts exist before the first error
-                metrics.upstream_errors.labels(name, kind)
             if cfg.fallback:
                 upstreams[name].fallback = upstreams[cfg.fallback]
         return cls(
@@ -46,6 +49,7 @@ class Runtime:
             scorers={r.model: RouteScorer(r, upstreams, http) for r in settings.routes if r.aggregator == "bon"},
             extractors={r.model: AnswerExtractor(r.extractor.pattern, r.extractor.normalize) for r in settings.routes},
             key_to_tier={k.hash: k.tier for k in settings.api_keys},
+            key_models={k.hash: k.models for k in settings.api_keys},
             prompt_versions={(r.model, p.id): prompt_version(r, p.id) for r in settings.routes for p in r.prompts},
         )
 
@@ -53,12 +57,31 @@ class Runtime:
         for upstream in self.upstreams.values():
             await upstream.aclose()
 
+    def prepare(self) -> None:
+        """Build every transport now (importing litellm takes seconds: never on a request)."""
+        for upstream in self.upstreams.values():
+            upstream.transport
+            if upstream.config.price is None:
+                import litellm  # noqa: F401  (its local cost table prices upstreams without `price`)
+
     def weights(self, route: Route, tier: Tier) -> np.ndarray:
-        """The tier's weights over a BoN route's objectives (equal when the tier names none)."""
+        """The tier's weights over a route's objectives (BoN: equal when the tier names none; MV: `correct`)."""
+        if route.aggregator == "mv":
+            return np.array([tier.weights.get("correct", 1.0)])
         names = [o.name for o in route.objectives]
         if not tier.weights:
             return np.full(len(names), 1.0 / len(names))
         return np.array([tier.weights.get(name, 0.0) for name in names])
+
+    def start_arm(self, route: Route, tier: str) -> Arm:
+        """The configured arm a tier is served before any policy is published (or when it names a lost prompt)."""
+        start = route.start.get(tier) or route.start.get("default")
+        return Arm(start.prompt, start.n) if start else Arm(route.prompts[0].id, 1)
+
+    def gold(self, route: str | None, gold) -> str:
+        """A gold answer in the form votes are compared in (the route's extractor normalises it)."""
+        extract = self.extractors.get(route) if route else None
+        return (extract(f"Final answer: {gold}") if extract else None) or str(gold).strip()
 
     def caps(self, tier: Tier, key_id: str | None) -> list[Cap]:
         """The spend caps a request of this tier (and key) must fit under."""
@@ -66,3 +89,13 @@ class Runtime:
         if key_id is not None:
             caps += [Cap(f"key:{key_id}", window, limit.dollars, limit.tokens) for window, limit in tier.key_caps.items()]
         return caps
+
+    def models(self) -> list[tuple[str, str]]:
+        """Every model a caller can name: (id, 'route' | 'upstream')."""
+        return [(r.model, "route") for r in self.settings.routes] + [(u, "upstream") for u in self.settings.upstreams]
+
+    def allows(self, tier: Tier, key_models: list[str] | None, model: str) -> bool:
+        """Whether a caller of `tier` (with a key narrowed to `key_models`) may name `model`."""
+        if not any(fnmatch.fnmatchcase(model, pattern) for pattern in tier.models):
+            return False
+        return key_models is None or any(fnmatch.fnmatchcase(model, pattern) for pattern in key_models)

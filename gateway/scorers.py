@@ -21,6 +21,20 @@ class ObjectiveScorer(Protocol):
     async def score(self, messages: list[dict], texts: list[str]) -> np.ndarray: ...
 
 
+def as_output(output: dict | str) -> dict:
+    """A completion's message (a bare text is an assistant message with that content)."""
+    return output if isinstance(output, dict) else {"role": "assistant", "content": output}
+
+
+def rendered(output: dict) -> str:
+    """What text scorers read: the content, then each tool call as `name(arguments)`."""
+    parts = [output.get("content") or ""]
+    for call in output.get("tool_calls") or []:
+        function = call.get("function") or {}
+        parts.append(f"{function.get('name')}({function.get('arguments') or ''})")
+    return "\n".join(p for p in parts if p)
+
+
 class RegexScorer:
     """1 when the completion matches the pattern, else 0."""
 
@@ -32,10 +46,20 @@ class RegexScorer:
 
 
 class JsonValidScorer:
-    """1 when the completion (code fences stripped) parses as JSON, else 0."""
+    """1 when the completion (code fences stripped) parses as JSON, or when every tool call's arguments
+    do, else 0."""
 
-    async def score(self, messages, texts):
-        return np.array([1.0 if _parses(t) else 0.0 for t in texts])
+    async def score(self, messages, texts, outputs=None):
+        outputs = outputs or [as_output(t) for t in texts]
+        return np.array([1.0 if _valid_json(o) else 0.0 for o in outputs])
+
+
+def _valid_json(output: dict) -> bool:
+    calls = output.get("tool_calls") or []
+    if calls:
+        return all(isinstance((c.get("function") or {}).get("arguments"), str)
+                   and _parses(c["function"]["arguments"]) for c in calls)
+    return _parses(output.get("content") or "")
 
 
 def _parses(text: str) -> bool:
@@ -70,8 +94,9 @@ class HttpRewardScorer:
         payload = await self.fetch(messages, texts)
         return np.array([float(s[self.field]) for s in payload])
 
-    async def fetch(self, messages, texts) -> list[dict]:
-        r = await self.client.post(self.url, json={"prompt": messages, "completions": texts}, timeout=self.timeout)
+    async def fetch(self, messages, texts, outputs=None) -> list[dict]:
+        payload = {"prompt": messages, "completions": texts, "messages": outputs or [as_output(t) for t in texts]}
+        r = await self.client.post(self.url, json=payload, timeout=self.timeout)
         r.raise_for_status()
         scores = r.json()["scores"]
         if len(scores) != len(texts):
@@ -94,8 +119,10 @@ class JudgeScorer:
             {"role": "system", "content": f"You are a strict grader. {self.rubric} Reply with one number from 0 to 10."},
             {"role": "user", "content": f"Question:\n{question}\n\nAnswer:\n{answer}"},
         ]
-        response, _ = await self.upstream.raw(prompt, {"temperature": 0.0, "max_tokens": 8}, 1)
-        match = _NUMBER.search(response.texts[0] if response.texts else "")
+        body = {"model": self.upstream.config.wire_model, "messages": prompt, "temperature": 0.0, "max_tokens": 8}
+        reply, _ = await self.upstream.call("chat", body)
+        choices = reply.body.get("choices") or [{}]
+        match = _NUMBER.search(str((choices[0].get("message") or {}).get("content") or ""))
         return float(match.group(0)) if match else 0.0
 
 
@@ -110,19 +137,27 @@ class RouteScorer:
     def names(self) -> list[str]:
         return [o.name for o in self.objectives]
 
-    async def score(self, messages: list[dict], texts: list[str]) -> np.ndarray:
-        """(n, K) scores in [0, 1]."""
+    @property
+    def timeout(self) -> float:
+        return max((o.scorer.timeout for o in self.objectives), default=0.0)
+
+    async def score(self, messages: list[dict], outputs: list[dict | str]) -> np.ndarray:
+        """(n, K) scores in [0, 1] of completions given as messages (tool calls included) or texts."""
+        outputs = [as_output(o) for o in outputs]
+        texts = [rendered(o) for o in outputs]
         columns: list[np.ndarray | None] = [None] * len(self.scorers)
         by_url: dict[str, list[int]] = {}
         for k, s in enumerate(self.scorers):
             if isinstance(s, HttpRewardScorer):
                 by_url.setdefault(s.url, []).append(k)
-        fetched = await asyncio.gather(*(self.scorers[ks[0]].fetch(messages, texts) for ks in by_url.values()))
+        fetched = await asyncio.gather(*(self.scorers[ks[0]].fetch(messages, texts, outputs) for ks in by_url.values()))
         for ks, payload in zip(by_url.values(), fetched):
             for k in ks:
                 columns[k] = np.array([float(p[self.scorers[k].field]) for p in payload])
         rest = [k for k, c in enumerate(columns) if c is None]
-        for k, col in zip(rest, await asyncio.gather(*(self.scorers[k].score(messages, texts) for k in rest))):
+        calls = [self.scorers[k].score(messages, texts, outputs) if isinstance(self.scorers[k], JsonValidScorer)
+                 else self.scorers[k].score(messages, texts) for k in rest]
+        for k, col in zip(rest, await asyncio.gather(*calls)):
             columns[k] = col
         raw = np.stack(columns, axis=1)
         low = np.array([o.low for o in self.objectives])

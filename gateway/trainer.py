@@ -12,17 +12,17 @@ import logging
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import httpx
 import numpy as np
 
 from gateway.config import Route, Settings
-from gateway.scorers import RouteScorer
-from gateway.runtime import prompt_version
-from gateway.prompting import merge_params, render_messages
+from gateway.runtime import Runtime, prompt_version
+from gateway.prompting import apply_arm
+from gateway.records import RequestRecord, completion_rows
 from gateway.upstream import UpstreamClient
-from policies.aggregate import AnswerExtractor
+from policies.aggregate import AnswerExtractor, answer_of
 from policies.arms import Arm
 from policies.psst import PSST, Context, Outcome, TopK
 from store.database import open_database, write_transaction
@@ -148,6 +148,7 @@ class RouteTrainer:
         since = time.time() - cfg.window_hours * 3600
         queries = training_queries(db, route.model, since=since, limit=cfg.max_queries)
         self.http = httpx.AsyncClient()
+        self.rt = Runtime.build(self.settings, self.http)
         try:
             if route.aggregator == "mv":
                 queries = await self._with_gold(queries)
@@ -185,6 +186,7 @@ class RouteTrainer:
             else:
                 report.status = "unpublished"
         finally:
+            await self.rt.aclose()
             await self.http.aclose()
 
     async def _with_gold(self, queries: list[dict]) -> list[dict]:
@@ -234,9 +236,11 @@ class RouteTrainer:
 
     def _plan(self, trainer: PSST, report: TrainingReport) -> None:
         """Dry run: walk the schedule with empty outcomes; cost at each prompt's worst case."""
-        upstream = UpstreamClient(self.route.upstream, self.settings.upstreams[self.route.upstream])
-        worst = {p.id: upstream.worst_case(render_messages(self.route, p.id, [{"role": "user", "content": ""}]),
-                                           merge_params({}, p.params))[0] for p in self.route.prompts}
+        upstream = self.rt.upstreams[self.route.upstream]
+        worst = {}
+        for p in self.route.prompts:
+            body = self._body(p.id, [{"role": "user", "content": ""}])
+            worst[p.id] = upstream.worst_case(body["messages"], _limit(body))[0]
         K = max(1, len(self.route.objectives))
         while batch := trainer.ask():
             report.rounds.append({"pulls": len(batch), "completions": sum(n for _, n in batch),
@@ -250,8 +254,8 @@ class RouteTrainer:
 
     async def _explore(self, db, trainer: PSST, queries: list[dict], report: TrainingReport) -> None:
         route = self.route
-        upstream = UpstreamClient(route.upstream, self.settings.upstreams[route.upstream])
-        scorer = RouteScorer(route, {route.upstream: upstream}, self.http) if route.aggregator == "bon" else None
+        upstream = self.rt.upstreams[route.upstream]
+        scorer = self.rt.scorers.get(route.model)
         progress = Progress(route.model, self.budget, self.progress_stream)
         sem = asyncio.Semaphore(self.config.concurrency)
         try:
@@ -262,10 +266,8 @@ class RouteTrainer:
                                           int(trainer.rng.integers(len(queries)))]) for pull in batch]
                 prepared = []
                 for pull, q in planned:
-                    prompt = route.prompt(pull[0])
-                    messages = render_messages(route, pull[0], q["messages"])
-                    params = merge_params({}, prompt.params)
-                    prepared.append((pull, q, messages, params, upstream.worst_case(messages, params)[0] * pull[1]))
+                    body = self._body(pull[0], q["messages"])
+                    prepared.append((pull, q, body, upstream.worst_case(body["messages"], _limit(body))[0] * pull[1]))
                 if self.max_dollars is not None:
                     room = self.max_dollars - report.dollars
                     fits = np.cumsum([w for *_, w in prepared]) <= room + 1e-12
@@ -273,7 +275,7 @@ class RouteTrainer:
                         prepared = [p for p, ok in zip(prepared, fits) if ok]
                         report.status = "partial"
                         report.message = f"dollar cap ${self.max_dollars} reached"
-                results = await asyncio.gather(*(self._pull(sem, upstream, scorer, *p[:4]) for p in prepared))
+                results = await asyncio.gather(*(self._pull(sem, upstream, scorer, *p[:3]) for p in prepared))
                 self._record(db, results, report.run_id)
                 trainer.tell([(pull[0], pull[1], outcome) for pull, outcome, _ in results])
                 report.completions += sum(pull[1] for pull, _, _ in results)
@@ -285,24 +287,28 @@ class RouteTrainer:
                     break
         finally:
             progress.close()
-            await upstream.aclose()
 
-    async def _pull(self, sem, upstream: UpstreamClient, scorer, pull, query, messages, params):
+    def _body(self, prompt_id: str, messages: list[dict]) -> dict:
+        body, _ = apply_arm(self.route, prompt_id, {"messages": messages}, ("messages",))
+        body["model"] = self.rt.upstreams[self.route.upstream].config.wire_model
+        return body
+
+    async def _pull(self, sem, upstream: UpstreamClient, scorer, pull, query, body):
         prompt_id, n = pull[0], pull[1]
+        messages = body["messages"]
         async with sem:
-            completions = await upstream.complete(messages, params, n)
+            completions = (await upstream.draw(body, n)).completions
         failed = [c for c in completions if c.error]
         if failed:
             raise TrainingFault(f"upstream failed during exploration ({failed[0].error_kind}: {failed[0].error})")
         costs = np.array([c.cost for c in completions])
-        texts = [c.text or "" for c in completions]
         if self.route.aggregator == "mv":
-            answers = [self.extract(t) for t in texts]
+            answers = [answer_of(c.message, self.extract) for c in completions]
             outcome = Outcome(costs=costs, answers=answers, gold=query["gold"], query=query["query_key"])
             scores = None
         else:
             try:
-                scores = await scorer.score(messages, texts)
+                scores = await scorer.score(messages, [c.message for c in completions])
             except Exception as exc:
                 raise TrainingFault(f"scoring failed during exploration: {exc}") from None
             answers = [None] * n
@@ -315,26 +321,23 @@ class RouteTrainer:
         now = time.time()
         requests, completions = [], []
         for _, _, (prompt_id, n, query, comps, answers, scores) in results:
-            rid = f"explore-{uuid.uuid4().hex}"
-            requests.append({
-                "id": rid, "created": now, "kind": "explore", "route": self.route.model, "tier": None,
-                "upstream": self.route.upstream, "prompt_id": prompt_id, "prompt_version": self.prompt_versions[prompt_id],
-                "n": n, "aggregator": self.route.aggregator, "messages": json.dumps(query["messages"], ensure_ascii=False),
-                "query_key": query["query_key"], "failed": 0, "status": 200, "run_id": run_id,
-                "prompt_tokens": sum(c.prompt_tokens for c in comps), "completion_tokens": sum(c.completion_tokens for c in comps),
-                "cost": float(sum(c.cost for c in comps)),
-            })
-            completions += [{
-                "request_id": rid, "idx": i, "text": c.text, "answer": answers[i],
-                "scores": json.dumps([float(v) for v in scores[i]]) if scores is not None else None,
-                "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "cost": c.cost,
-                "finish_reason": c.finish_reason, "latency_s": c.latency_s,
-            } for i, c in enumerate(comps)]
+            record = RequestRecord(
+                id=f"explore-{uuid.uuid4().hex}", created=now, kind="explore", route=self.route.model,
+                upstream=self.route.upstream, prompt_id=prompt_id, prompt_version=self.prompt_versions[prompt_id], n=n,
+                aggregator=self.route.aggregator, messages=json.dumps(query["messages"], ensure_ascii=False),
+                query_key=query["query_key"], status=200, run_id=run_id)
+            record.add_usage(comps)
+            requests.append(asdict(record))
+            completions += completion_rows(record.id, comps, answers, scores)
         with write_transaction(db):
             db["requests"].insert_all(requests)
             db["completions"].insert_all(completions)
         SpendLedger(db).record(f"explore:{self.route.model}", ("per_day", "per_month"),
                                sum(r["cost"] for r in requests), sum(r["prompt_tokens"] + r["completion_tokens"] for r in requests))
+
+
+def _limit(body: dict) -> int | None:
+    return body.get("max_tokens") or body.get("max_completion_tokens")
 
 
 def _num(x: float) -> float | None:

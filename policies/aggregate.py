@@ -1,6 +1,7 @@
 """Answer extraction, majority vote and best-of-N selection over N completions."""
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -75,3 +76,27 @@ def best_of_n(scores: np.ndarray, weights: np.ndarray, rng: np.random.Generator)
     total = np.asarray(scores, dtype=float) @ np.asarray(weights, dtype=float)
     best = np.flatnonzero(total >= total.max() - 1e-12)
     return int(best[rng.integers(len(best))]) if len(best) > 1 else int(best[0])
+
+
+def canonical_tool_calls(calls: list[dict]) -> str:
+    """The vote answer of a completion that calls tools: each call's name and parsed arguments, in a
+    stable form (argument order and whitespace do not matter; call ids never do)."""
+    canon = []
+    for call in calls:
+        function = call.get("function") or {}
+        arguments = function.get("arguments")
+        try:
+            parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            parsed = arguments  # invalid JSON votes as its literal text
+        canon.append([function.get("name"), parsed])
+    return json.dumps(canon, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def answer_of(message: dict | None, extract: AnswerExtractor) -> str | None:
+    """A completion's vote answer: its tool calls' canonical form, else the answer extracted from its text."""
+    if not message:
+        return None
+    if message.get("tool_calls"):
+        return canonical_tool_calls(message["tool_calls"])
+    return extract(message.get("content"))

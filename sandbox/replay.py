@@ -79,6 +79,25 @@ def _deliver(payload: dict, faults: Faults, rng: np.random.Generator) -> Respons
     return Response(data, media_type="application/json")
 
 
+async def _chunks(payload: dict, include_usage: bool):
+    """A finished answer as OpenAI chat.completion.chunk events: a role delta, content in pieces, the finish."""
+    base = {"id": payload["id"], "object": "chat.completion.chunk", "created": payload["created"],
+            "model": payload["model"]}
+
+    def event(data: dict) -> bytes:
+        return f"data: {json.dumps({**base, **data})}\n\n".encode()
+
+    for choice in payload["choices"]:
+        i, text = choice["index"], choice["message"]["content"]
+        yield event({"choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+        for start in range(0, len(text), 16):
+            yield event({"choices": [{"index": i, "delta": {"content": text[start:start + 16]}, "finish_reason": None}]})
+        yield event({"choices": [{"index": i, "delta": {}, "finish_reason": choice["finish_reason"]}]})
+    if include_usage:
+        yield event({"choices": [], "usage": payload["usage"]})
+    yield b"data: [DONE]\n\n"
+
+
 def create_replay_app(envs: dict[str, MVEnvironment | BoNEnvironment], seed: int = 0) -> Starlette:
     rng = np.random.default_rng(seed)
     faults = Faults()
@@ -128,6 +147,9 @@ def create_replay_app(envs: dict[str, MVEnvironment | BoNEnvironment], seed: int
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": per_choice * n,
                       "total_tokens": prompt_tokens + per_choice * n},
         }
+        if body.get("stream"):
+            return StreamingResponse(_chunks(payload, bool((body.get("stream_options") or {}).get("include_usage"))),
+                                     media_type="text/event-stream")
         return _deliver(payload, faults, rng)
 
     async def score(request: Request) -> Response:

@@ -17,11 +17,13 @@ def free_port() -> int:
 class ServerThread:
     """uvicorn on 127.0.0.1:port in a daemon thread; `stop()` shuts it down gracefully."""
 
-    def __init__(self, app, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, app, port: int | None = None, host: str = "127.0.0.1", limits=None) -> None:
+        from gateway.connections import ConnectionLimits, uvicorn_options
+
         self.port = port or free_port()
         self.host = host
         config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="on",
-                                access_log=False)
+                                access_log=False, **uvicorn_options(limits or ConnectionLimits()))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

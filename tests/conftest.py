@@ -49,6 +49,30 @@ def replay(math_env, synthetic_envs):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def scripted_server():
+    """One scripted OpenAI-compatible upstream (uvicorn on loopback) that records what it receives."""
+    from sandbox.scripted import create_scripted_app
+    from sandbox.servers import ServerThread
+
+    app = create_scripted_app()
+    server = ServerThread(app).start()
+    server.state = app.state.scripted
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def scripted(scripted_server):
+    """The scripted upstream with its default script, no recorded requests and zeroed counters."""
+    state = scripted_server.state
+    state.script.update({}, reset=True)
+    state.records.clear()
+    state.clear_stats()
+    state.url = scripted_server.url
+    return state
+
+
 @pytest.fixture
 def reset_faults(replay):
     import httpx
@@ -74,13 +98,38 @@ class RunningGateway:
         self.config_path.write_text(yaml.safe_dump(config))
         self.settings = load_config(self.config_path)
         self.db_path = self.settings.store.path
+        from gateway.connections import ConnectionLimits
+
         self.app = create_app(self.settings, str(self.config_path))
-        self.server = ServerThread(self.app).start()
+        self.server = ServerThread(self.app, limits=ConnectionLimits.from_config(self.settings.limits)).start()
         self.url = self.server.url
 
     @property
     def gateway(self):
         return self.app.state.gateway
+
+    def rows(self, sql: str, params: list | None = None) -> list[dict]:
+        """Query the gateway's store after everything it accepted has been written."""
+        import sqlite_utils
+
+        self.gateway.writer.flush()
+        return list(sqlite_utils.Database(self.db_path).query(sql, params or []))
+
+    def row(self, request_id: str) -> dict | None:
+        rows = self.rows("select * from requests where id = ?", [request_id])
+        return rows[0] if rows else None
+
+    def spend(self, scope: str) -> dict:
+        """Spent and live-reserved dollars and tokens of `scope` in its current per_day window."""
+        from store.database import open_database
+        from store.spend import SpendLedger
+
+        ledger = SpendLedger(open_database(self.db_path))
+        spent = [r for r in ledger.current() if r["scope"] == scope and r["window"] == "per_day"]
+        held = [r for r in ledger.reserved() if r["scope"] == scope and r["window"] == "per_day"]
+        ledger.db.conn.close()
+        return {"dollars": spent[0]["dollars"] if spent else 0.0, "tokens": spent[0]["tokens"] if spent else 0,
+                "reserved": held[0]["dollars"] if held else 0.0}
 
     def client(self, key: str | None = "none"):
         import openai

@@ -45,10 +45,13 @@ def away_from_minute_edge() -> None:
         time.sleep(reset - time.time() + 0.5)
 
 
-def spent(db_path: str, scope: str) -> float:
-    row = open_database(db_path).execute("select sum(dollars), sum(reserved_dollars) from spend where scope = ?",
-                                         [scope]).fetchone()
-    return (row[0] or 0.0), (row[1] or 0.0)
+def spent(db_path: str, scope: str) -> tuple[float, float]:
+    """Dollars booked in `scope` (all windows summed) and dollars held by its live reservations."""
+    db = open_database(db_path)
+    dollars = db.execute("select sum(dollars) from spend where scope = ?", [scope]).fetchone()[0] or 0.0
+    reserved = db.execute("select sum(dollars) from reservations where scope = ? and expires > ?",
+                          [scope, time.time()]).fetchone()[0] or 0.0
+    return dollars, reserved
 
 
 @pytest.mark.parametrize("window", ["per_minute", "per_day", "per_month"])

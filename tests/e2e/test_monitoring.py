@@ -147,8 +147,9 @@ def test_two_workers_report_consistent_counters(tmp_path, replay, math_env, synt
         totals = set()
         for _ in range(8):
             m = exported(url)
-            totals.add(sum(v for (n, _), v in m.items() if n == "iapo_requests_total"))
-        assert totals == {float(sent)}
+            totals.add((sum(v for (n, _), v in m.items() if n == "iapo_requests_total"),
+                        sum(v for (n, ls), v in m.items() if n == "iapo_requests_total" and ("status", "200") in ls)))
+        assert totals == {(30.0, float(sent))}  # every request is counted (429s too), whichever worker answers
     finally:
         proc.terminate()
         proc.wait(30)

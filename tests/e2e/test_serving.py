@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import openai
 import numpy as np
 import pytest
 import sqlite_utils
@@ -204,7 +205,7 @@ def test_models_health_and_proxy(gw):
     (json.dumps({"model": "math", "messages": "hi"}).encode(), 400, "invalid_type"),
     (json.dumps({"model": "math", "messages": [{"role": "user", "content": 5}]}).encode(), 400, "invalid_type"),
     (json.dumps({"model": "math", "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400, "invalid_value"),
-    (json.dumps({"model": "math", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).encode(), 400, "invalid_value"),
+    (json.dumps({"model": "math", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).encode(), 400, "invalid_type"),
     (json.dumps({"model": "math", "messages": [{"role": "user", "content": "x"}], "n": 4}).encode(), 400, "invalid_value"),
     (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model_not_found"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), 400, "missing_required_parameter"),
@@ -233,7 +234,10 @@ def test_upstream_failures_partial_and_total(gw, replay, reset_faults):
     client = gw.client(KEYS["low"])
     partial = None
     for q in range(20):
-        resp = client.chat.completions.create(model="math-fanout", messages=ask(q))
+        try:
+            resp = client.chat.completions.create(model="math-fanout", messages=ask(q))
+        except openai.InternalServerError:  # all six failed (1 in 64): not the case under test
+            continue
         if resp.model_extra["iapo"]["failed"] > 0:
             partial = resp
             break

@@ -1,0 +1,481 @@
+"""One request, top to bottom, for every model a caller may name:
+
+    caller → authorise the model → plan (the policy's arm, or passthrough) → reserve under caps
+    → call the upstream → aggregate | forward → settle → log → count
+
+Nothing reaches an upstream any other way. Domain errors are raised as GatewayError (already
+counted); the HTTP edge maps them to responses.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, AsyncIterator
+
+from gateway.access import Access, Caller, Target
+from gateway.aggregation import Choice, choose
+from gateway.errors import (GatewayError, UpstreamRejected, internal_error, invalid, store_unavailable,
+                            upstream_failed)
+from gateway.openai_wire import chat_chunks, chat_completion, sse, sse_error, usage_of
+from gateway.prompting import apply_arm
+from gateway.records import RequestRecord, query_key, request_log
+from gateway.request import ApiCall, parse_call
+from gateway.runtime import Runtime
+from gateway.streams import MessageBuilder, Relay, is_usage_only, tokens_of
+from gateway.transports import UpstreamError
+from gateway.upstream import Completion, Draw, UpstreamClient
+from policies.arms import Arm
+from policies.budget import clamp_n
+from store.errors import StoreUnavailable
+from store.spend import BudgetExhausted, Reservation
+
+if TYPE_CHECKING:
+    from gateway.service import GatewayService
+
+log = logging.getLogger("iapo.pipeline")
+OWNED_ON_ROUTES = ("model", "messages", "n", "stream", "stream_options")
+
+
+@dataclass
+class Outcome:
+    """What the HTTP edge sends: a JSON body (dict, or the provider's bytes) or an SSE stream."""
+
+    status: int
+    body: dict | bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    stream: AsyncIterator[bytes] | None = None
+
+
+@dataclass
+class Plan:
+    """How one request will be served: the upstream, the body it gets, N, and the worst case per completion."""
+
+    target: Target
+    upstream: UpstreamClient
+    body: dict
+    n: int
+    worst_dollars: float
+    worst_tokens: int
+    route: object | None = None
+    arm: Arm | None = None
+    overridden: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Ticket:
+    """One request in flight: its record, its labels for metrics, and what it has reserved."""
+
+    record: RequestRecord
+    started: float
+    caller: Caller | None = None
+    plan: Plan | None = None
+    reservation: Reservation | None = None
+    upstream_s: float = 0.0
+    counted: bool = False
+
+    @property
+    def route_label(self) -> str:
+        if self.plan is None:
+            return "-"
+        return self.plan.target.name if self.plan.target.kind == "route" else f"upstream:{self.plan.target.name}"
+
+
+class Pipeline:
+    def __init__(self, service: "GatewayService") -> None:
+        self.service = service
+
+    # -- the spine ------------------------------------------------------------------------------
+    async def handle(self, endpoint: str, raw: bytes, authorization: str | None) -> Outcome:
+        svc = self.service
+        rt = svc.rt  # one config for the whole request, even if a reload swaps it meanwhile
+        prefix = {"chat": "chatcmpl", "completions": "cmpl", "embeddings": "emb", "responses": "resp"}[endpoint]
+        ticket = Ticket(RequestRecord(id=f"{prefix}-{uuid.uuid4().hex}", created=time.time(), kind="proxy",
+                                      endpoint=endpoint), time.perf_counter())
+        svc.metrics.in_flight.inc()
+        handed_off = False
+        try:
+            ticket.caller = svc.access.resolve(authorization, rt)
+            ticket.record.tier, ticket.record.key_id = ticket.caller.tier.name, ticket.caller.key_id
+            call = parse_call(endpoint, raw, rt.settings.limits)
+            target = Access.authorise(ticket.caller, call.model, rt)
+            ticket.plan = self.plan(rt, call, ticket.caller, target)
+            svc.require_store()
+            await self.reserve(rt, ticket)
+            self._describe(ticket, call)
+            if call.stream:
+                handed_off = True  # the stream's own task settles, logs, counts and leaves in-flight
+                return await self._stream(rt, call, ticket)
+            if target.kind == "route":
+                return await self._serve_route(rt, call, ticket)
+            return await self._forward(call, ticket)
+        except GatewayError as err:
+            self._count(ticket, err.status)
+            raise
+        except Exception:
+            log.exception("unexpected error serving %s request %s", endpoint, ticket.record.id)
+            self._count(ticket, 500)
+            raise internal_error() from None
+        finally:
+            if not handed_off:
+                svc.metrics.in_flight.dec()
+
+    # -- plan -----------------------------------------------------------------------------------
+    def plan(self, rt: Runtime, call: ApiCall, caller: Caller, target: Target) -> Plan:
+        tier = caller.tier
+        if target.kind == "route":
+            if call.endpoint != "chat":
+                raise invalid(f"`{target.name}` is a routed model: it serves /v1/chat/completions only.", param="model")
+            if call.n != 1:
+                raise invalid(f"'n' must be 1 for the routed model `{target.name}`: the gateway chooses how many "
+                              "completions to draw and returns the best one.", param="n")
+            route = rt.settings.route(target.name)
+            upstream = rt.upstreams[route.upstream]
+            arm = self.service.arm_for(route, tier, rt)
+            body, overridden = apply_arm(route, arm.prompt_id, call.body, OWNED_ON_ROUTES)
+            body["model"] = upstream.config.wire_model
+            worst, tokens = upstream.worst_case(body["messages"], _token_limit(body))
+            n = clamp_n(arm.n, route_n_max=route.n_max, tier_max_n=tier.max_n,
+                        max_cost_per_request=tier.max_cost_per_request, worst_cost_per_completion=worst)
+            return Plan(target, upstream, body, n, worst, tokens, route, arm, overridden)
+        upstream = rt.upstreams[target.name]
+        body = {**call.body, "model": upstream.config.wire_model}
+        n = call.n
+        if tier.max_n is not None and n > tier.max_n:
+            raise invalid(f"'n' is {n}; your tier `{tier.name}` allows at most {tier.max_n}.", param="n",
+                          code="n_above_tier_limit")
+        payload = {k: v for k, v in call.body.items() if k in ("messages", "prompt", "input", "instructions", "tools")}
+        worst, tokens = upstream.worst_case(payload, _token_limit(body), completes=call.endpoint != "embeddings")
+        if tier.max_cost_per_request is not None and worst * n > tier.max_cost_per_request + 1e-12:
+            raise invalid(f"This request could cost up to ${worst * n:.4f} (n={n}, its token limit at "
+                          f"`{target.name}`'s price), more than your tier's max_cost_per_request of "
+                          f"${tier.max_cost_per_request}. Lower max_tokens or n.", code="request_cost_above_limit")
+        return Plan(target, upstream, body, n, worst, tokens)
+
+    async def reserve(self, rt: Runtime, ticket: Ticket) -> None:
+        """Book the worst case under every cap of the caller's tier and key: 429, 503, or (degrade) fewer."""
+        plan, caller = ticket.plan, ticket.caller
+        caps = rt.caps(caller.tier, caller.key_id)
+        if not caps:
+            return
+        svc = self.service
+        scoring = rt.scorers[plan.route.model].timeout if plan.route is not None and plan.route.model in rt.scorers else 0
+        expires = time.time() + plan.upstream.deadline_s + scoring + rt.settings.store.reservation_grace_seconds
+        degrade = plan.route is not None and caller.tier.on_exhausted == "degrade"
+        try:
+            reservation = await svc.reserve(caps, plan.n, plan.worst_dollars, plan.worst_tokens, allow_fewer=degrade,
+                                             owner=svc.instance_id, expires_at=expires,
+                                             reservation_id=ticket.record.id)
+        except BudgetExhausted as exc:
+            svc.metrics.budget_rejections.labels(caller.tier.name, f"{exc.cap.scope.split(':')[0]}:{exc.cap.window}").inc()
+            raise GatewayError(429, f"Budget exhausted: {exc}.", type="insufficient_quota", code="budget_exhausted",
+                               headers={"retry-after": str(max(1, int(exc.reset - time.time()) + 1))}) from None
+        except StoreUnavailable as exc:
+            raise store_unavailable(f"The spend ledger cannot be written ({exc}); nothing was sent upstream.") from None
+        if reservation.n < plan.n:
+            svc.metrics.budget_degradations.labels(ticket.route_label, caller.tier.name).inc()
+            plan.n = reservation.n
+        ticket.reservation = reservation
+
+    def _describe(self, ticket: Ticket, call: ApiCall) -> None:
+        plan, record = ticket.plan, ticket.record
+        record.upstream = plan.upstream.name
+        record.n = plan.n
+        record.messages = json.dumps(call.messages or call.body.get("input") or call.body.get("prompt"),
+                                     ensure_ascii=False)
+        record.query_key = query_key(call.messages or call.body.get("input") or call.body.get("prompt"))
+        if plan.route is not None:
+            rt = self.service.rt
+            record.kind, record.route, record.aggregator = "serve", plan.route.model, plan.route.aggregator
+            record.prompt_id = plan.arm.prompt_id
+            record.prompt_version = rt.prompt_versions.get((plan.route.model, plan.arm.prompt_id))
+            record.policy_version = self.service.policy.version
+
+    # -- routes ---------------------------------------------------------------------------------
+    async def _serve_route(self, rt: Runtime, call: ApiCall, ticket: Ticket) -> Outcome:
+        """Draw N, choose one, settle, log and count; the `chat.completion` body."""
+        plan, record = ticket.plan, ticket.record
+        draw = Draw([])
+        try:
+            draw = await plan.upstream.draw(plan.body, plan.n)
+        finally:
+            await self._settle(ticket, draw.completions)
+        completions = draw.completions
+        ticket.upstream_s = max((c.latency_s for c in completions), default=0.0)
+        record.upstream_id = ",".join(draw.upstream_ids)[:500] or None
+        ok = [c for c in completions if not c.error]
+        if not ok:
+            err = self._all_failed(completions, plan.n)
+            await self._finish(ticket, err.status, completions, error=err.message)
+            raise err
+        choice = await choose(rt, plan.route, ticket.caller.tier, plan.body["messages"], completions, self.service.rng)
+        record.chosen_index, record.chosen_answer = choice.index, choice.info.get("answer")
+        record.tie_size, record.vote_share = choice.info.get("tie_size"), choice.info.get("vote_share")
+        usage = usage_of(completions, draw.usage_details)
+        iapo = {"route": plan.route.model, "tier": ticket.caller.tier.name, "prompt_id": plan.arm.prompt_id,
+                "n": plan.n, "aggregator": plan.route.aggregator, "policy_version": record.policy_version,
+                "failed": len(completions) - len(ok), "cost": float(sum(c.cost for c in completions)),
+                "scores": choice.quality, **choice.info}
+        body = chat_completion(request_id=record.id, created=int(record.created), model=plan.route.model,
+                               completion=completions[choice.index], usage=usage,
+                               system_fingerprint=draw.system_fingerprint, extra={"iapo": iapo})
+        logged = await self._finish(ticket, 200, completions, choice=choice)
+        return Outcome(200, body, self._headers(ticket, logged))
+
+    def _all_failed(self, completions: list[Completion], n: int) -> GatewayError:
+        kinds = sorted({c.error_kind or "other" for c in completions})
+        if kinds == ["bad_request"]:  # the upstream refused the request itself: the caller's to fix
+            return GatewayError(400, f"The upstream model rejected the request: {completions[0].error}",
+                                code="upstream_rejected")
+        return upstream_failed(f"The upstream model failed for all {n} completions ({', '.join(kinds)}).")
+
+    # -- passthrough ----------------------------------------------------------------------------
+    async def _forward(self, call: ApiCall, ticket: Ticket) -> Outcome:
+        """The body as the caller sent it (model mapped), the provider's answer as it came back."""
+        plan = ticket.plan
+        try:
+            reply, ticket.upstream_s = await plan.upstream.call(call.endpoint, plan.body)
+        except UpstreamError as err:
+            await self._settle(ticket, [])
+            mapped = _mapped(err)
+            await self._finish(ticket, mapped.status, [], error=str(err))
+            raise mapped from None
+        tokens = tokens_of(call.endpoint, reply.body)
+        completions = _forwarded(call.endpoint, reply.body, plan.upstream, tokens, ticket.upstream_s)
+        ticket.record.upstream_id = reply.body.get("id") if isinstance(reply.body.get("id"), str) else None
+        await self._settle(ticket, completions)
+        logged = await self._finish(ticket, 200, completions)
+        return Outcome(200, reply.raw, self._headers(ticket, logged))
+
+    # -- streams --------------------------------------------------------------------------------
+    async def _stream(self, rt: Runtime, call: ApiCall, ticket: Ticket) -> Outcome:
+        """Start the producer task; once the upstream has accepted (or, for N > 1, at once) answer 200
+        with the relay's events. A failure before that is an ordinary error status."""
+        relay = Relay(rt.settings.limits.stream_keepalive_seconds)
+        plan = ticket.plan
+        if plan.route is not None and plan.n > 1:
+            producer = self._stream_chosen(rt, call, ticket, relay)
+            relay.open()
+        else:
+            producer = self._relay_upstream(call, ticket, relay)
+        self.service.track(asyncio.ensure_future(producer))
+        await relay.opened  # raises the GatewayError of a stream that failed before it started
+        headers = {**self._headers(ticket, None), "cache-control": "no-cache"}
+        return Outcome(200, None, headers, relay.body())
+
+    async def _stream_chosen(self, rt: Runtime, call: ApiCall, ticket: Ticket, relay: Relay) -> None:
+        """N > 1: draw and choose (keep-alives meanwhile), then the chosen completion as chunks."""
+        try:
+            outcome = await self._serve_route(rt, call, ticket)
+            for chunk in chat_chunks(outcome.body, include_usage=call.include_usage):
+                relay.put(chunk)
+        except GatewayError as err:
+            relay.put(sse_error(err))
+        except Exception:
+            log.exception("unexpected error serving a streamed routed request")
+            relay.put(sse_error(GatewayError(500, "The gateway failed to serve this request.", type="server_error")))
+            self._count(ticket, 500)
+        finally:
+            relay.close()
+            self.service.metrics.in_flight.dec()
+
+    async def _relay_upstream(self, call: ApiCall, ticket: Ticket, relay: Relay) -> None:
+        """Passthrough, or a route at N = 1: the provider's events as they arrive, usage from its last one."""
+        plan, record = ticket.plan, ticket.record
+        routed = plan.route is not None
+        body = {**plan.body, "stream": True}
+        asked_usage = call.include_usage
+        if call.endpoint in ("chat", "completions"):
+            body["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
+        builder, texts, tokens, status = MessageBuilder(), [], None, 200
+        start = time.monotonic()
+        try:
+            async with plan.upstream.stream(call.endpoint, body) as events:
+                relay.open()
+                async for event in events:
+                    data = event.data
+                    tokens = tokens_of(call.endpoint, data) or tokens
+                    if call.endpoint == "chat" and data is not None:
+                        builder.add(data)
+                    elif data is not None:
+                        texts.append(_event_text(call.endpoint, data))
+                    if is_usage_only(data) and not asked_usage:
+                        continue
+                    if routed and data is not None and not event.done:
+                        relay.put(sse(self._routed_chunk(data, ticket)))
+                    else:
+                        relay.put(event.raw)
+        except UpstreamError as err:
+            mapped = _mapped(err)
+            status = mapped.status
+            if not relay.opened.done():
+                relay.open(mapped)
+            else:
+                relay.put(sse_error(mapped))
+            record.error = str(err)
+        except Exception as exc:  # never leave the handler waiting, whatever broke
+            log.exception("unexpected error relaying a stream")
+            status = 500
+            relay.open(GatewayError(500, "The gateway failed to serve this request.", type="server_error"))
+            record.error = repr(exc)[:300]
+        finally:
+            relay.close()
+            ticket.upstream_s = time.monotonic() - start
+            try:
+                completions = self._streamed(call.endpoint, builder, texts, tokens, plan, ticket, status)
+                await self._settle(ticket, completions)
+                if relay.client_gone and status == 200:
+                    status = 499  # the client closed the connection before the end (nginx's code)
+                choice = None
+                if routed and completions and not completions[0].error:
+                    choice = await choose(self.service.rt, plan.route, ticket.caller.tier, plan.body["messages"],
+                                          completions, self.service.rng)
+                    record.chosen_index, record.chosen_answer = 0, choice.info.get("answer")
+                await self._finish(ticket, status, completions, choice=choice, error=record.error)
+            finally:
+                self.service.metrics.in_flight.dec()
+
+    def _routed_chunk(self, data: dict, ticket: Ticket) -> dict:
+        """A provider chunk as the route's: our id and model name; the `iapo` object on the finishing chunk."""
+        chunk = {**data, "id": ticket.record.id, "model": ticket.plan.route.model}
+        if any(c.get("finish_reason") for c in data.get("choices") or []):
+            chunk["iapo"] = {"route": ticket.plan.route.model, "tier": ticket.caller.tier.name,
+                             "prompt_id": ticket.plan.arm.prompt_id, "n": 1, "aggregator": ticket.plan.route.aggregator,
+                             "policy_version": ticket.record.policy_version}
+        return chunk
+
+    def _streamed(self, endpoint: str, builder: MessageBuilder, texts: list[str], tokens, plan: Plan,
+                  ticket: Ticket, status: int) -> list[Completion]:
+        """The completion a stream formed, priced from its usage (the reserved worst case if it sent none)."""
+        if tokens is None and status == 200:  # the provider sent no usage: book the reserved worst case
+            log.warning("upstream %s streamed no usage; booking the worst case", plan.upstream.name)
+            prompt, completion, cost = plan.worst_tokens, 0, plan.worst_dollars
+        else:
+            prompt, completion = tokens or (0, 0)
+            cost = plan.upstream.price(prompt, completion)
+        if endpoint == "chat":
+            message = builder.message()
+            ticket.record.upstream_id = builder.upstream_id
+            return [Completion(message, builder.finish_reason, None, prompt, completion, cost, ticket.upstream_s,
+                               error=ticket.record.error if status not in (200, 499) else None)]
+        return [Completion({"role": "assistant", "content": "".join(texts)}, None, None, prompt, completion, cost,
+                           ticket.upstream_s)]
+
+    # -- settle, log, count ---------------------------------------------------------------------
+    async def _settle(self, ticket: Ticket, completions: list[Completion]) -> None:
+        if ticket.reservation is None:
+            return
+        reservation, ticket.reservation = ticket.reservation, None
+        dollars = float(sum(c.cost for c in completions))
+        tokens = sum(c.prompt_tokens + c.completion_tokens for c in completions)
+        await self.service.settle(reservation, dollars, tokens)
+
+    async def _finish(self, ticket: Ticket, status: int, completions: list[Completion], *,
+                      choice: Choice | None = None, error: str | None = None) -> bool | None:
+        """Log the request with its completions and count it; True when its rows are committed."""
+        record = ticket.record
+        record.status, record.error = status, error
+        record.latency_s = time.perf_counter() - ticket.started
+        record.upstream_latency_s = ticket.upstream_s
+        record.add_usage(completions)
+        logged = await self.service.log(request_log(record, completions, choice.answers if choice else None,
+                                                    choice.scores if choice else None))
+        self._count(ticket, status, completions, choice)
+        return logged
+
+    def _count(self, ticket: Ticket, status: int, completions: list[Completion] | None = None,
+               choice: Choice | None = None) -> None:
+        if ticket.counted:
+            return
+        ticket.counted = True
+        m = self.service.metrics
+        record = ticket.record
+        tier = record.tier or "-"
+        route = ticket.route_label
+        prompt = ticket.plan.arm.prompt_id if ticket.plan is not None and ticket.plan.arm else "-"
+        n = str(ticket.plan.n) if ticket.plan is not None else "-"
+        m.requests.labels(route, tier, prompt, n, str(status), record.endpoint).inc()
+        if ticket.plan is not None:
+            m.upstream_latency.labels(ticket.plan.upstream.name).observe(ticket.upstream_s)
+        if not completions:
+            return
+        drawn = sum(1 for c in completions if not c.error)
+        m.completions.labels(route, tier, "serve").inc(drawn)
+        if drawn < len(completions):
+            m.failed_completions.labels(route, tier).inc(len(completions) - drawn)
+        m.tokens.labels(route, tier, "prompt").inc(record.prompt_tokens)
+        m.tokens.labels(route, tier, "completion").inc(record.completion_tokens)
+        m.cost.labels(route, tier, "serve").inc(record.cost)
+        m.latency.labels(route, tier).observe(record.latency_s or 0.0)
+        if choice is not None and status in (200, 499):
+            for name, value in choice.quality.items():
+                m.quality.labels(route, tier, name).observe(value)
+            route_cfg = ticket.plan.route
+            if route_cfg is not None and route_cfg.aggregator == "bon" and choice.quality:
+                w = self.service.rt.weights(route_cfg, ticket.caller.tier)
+                names = self.service.rt.scorers[route_cfg.model].names
+                m.utility.labels(route, tier).observe(
+                    float(sum(wi * choice.quality[o] for wi, o in zip(w, names))) - ticket.caller.tier.cost_weight * record.cost)
+
+    def _headers(self, ticket: Ticket, logged: bool | None) -> dict[str, str]:
+        plan = ticket.plan
+        headers = {"x-iapo-request-id": ticket.record.id}
+        if plan.route is not None:
+            headers.update({"x-iapo-prompt": plan.arm.prompt_id, "x-iapo-n": str(plan.n),
+                            "x-iapo-policy-version": str(ticket.record.policy_version)})
+            if plan.overridden:
+                headers["x-iapo-overridden"] = ",".join(plan.overridden)
+        if logged is False:
+            headers["x-iapo-logged"] = "pending"  # the store is failing: the rows wait in memory, not on disk
+        overhead = max(0.0, (time.perf_counter() - ticket.started - ticket.upstream_s) * 1000)
+        headers["x-iapo-overhead-ms"] = f"{overhead:.2f}"
+        return headers
+
+
+def _token_limit(body: dict) -> int | None:
+    limits = [body.get(k) for k in ("max_tokens", "max_completion_tokens", "max_output_tokens") if body.get(k)]
+    return min(limits) if limits else None
+
+
+def _mapped(err: UpstreamError) -> GatewayError:
+    """A provider's failure as the caller sees it: its own 4xx as it is; rate limits as 429; the rest 502."""
+    if err.kind == "bad_request" and err.status is not None:
+        return UpstreamRejected(err.status, err.body, f"The upstream model rejected the request: {err}")
+    if err.kind == "rate_limit":
+        return GatewayError(429, f"The upstream model is rate-limiting this gateway: {err}", type="rate_limit_error",
+                            code="upstream_rate_limited", headers={"retry-after": str(int(err.retry_after or 1))})
+    return upstream_failed(f"The upstream model failed: {err}")
+
+
+def _forwarded(endpoint: str, body: dict, upstream: UpstreamClient, tokens, seconds: float) -> list[Completion]:
+    """A forwarded answer as completions for the log: one per choice, the usage split over them."""
+    prompt, completion = tokens or (0, 0)
+    if endpoint == "chat":
+        return upstream.split(body, seconds, max(1, len(body.get("choices") or []))).completions
+    if endpoint == "completions":
+        choices = body.get("choices") or [{}]
+        outputs = [{"role": "assistant", "content": c.get("text")} for c in choices]
+    elif endpoint == "responses":
+        outputs = [{"role": "assistant", "content": _response_text(body)}]
+    else:
+        outputs = [None]
+    share = [completion // len(outputs)] * len(outputs)
+    share[0] += completion - sum(share)
+    return [Completion(o, None, None, prompt if i == 0 else 0, c, upstream.price(prompt if i == 0 else 0, c), seconds)
+            for i, (o, c) in enumerate(zip(outputs, share))]
+
+
+def _response_text(body: dict) -> str:
+    return "".join(part.get("text") or "" for item in body.get("output") or [] if isinstance(item, dict)
+                   for part in item.get("content") or [] if isinstance(part, dict))
+
+
+def _event_text(endpoint: str, data: dict) -> str:
+    if endpoint == "completions":
+        return "".join(c.get("text") or "" for c in data.get("choices") or [] if c.get("index", 0) == 0)
+    if endpoint == "responses" and data.get("type") == "response.output_text.delta":
+        return data.get("delta") or ""
+    return ""

@@ -1,0 +1,250 @@
+"""How a request body reaches a provider and its answer comes back, without retries or policy.
+
+`DirectTransport` posts the body as it is to an OpenAI-compatible endpoint and hands back the
+provider's bytes (and its stream's events) unchanged. `LitellmTransport` goes through litellm for
+providers that need translation, and renders litellm's objects in OpenAI's format.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import httpx
+
+from gateway.config import Upstream
+
+log = logging.getLogger("iapo.upstream")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per upstream call costs CPU and says nothing new
+
+ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings",
+                  "responses": "/responses"}
+
+
+@dataclass
+class Reply:
+    """A provider's non-streaming answer: parsed, and the bytes as they came."""
+
+    body: dict
+    raw: bytes
+    headers: dict[str, str]
+
+
+@dataclass
+class Event:
+    """One server-sent event of a provider's stream: its bytes as received and its JSON payload."""
+
+    raw: bytes
+    data: dict | None
+    done: bool = False
+
+
+class UpstreamError(Exception):
+    """A failed call; `kind` is a bounded label, `status`/`body` what the provider said if it answered."""
+
+    def __init__(self, kind: str, message: str, status: int | None = None, body: dict | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind, self.status, self.body, self.retry_after = kind, status, body, retry_after
+
+
+def kind_of_status(status: int) -> str:
+    if status == 429:
+        return "rate_limit"
+    if status >= 500:
+        return "server"
+    if status in (401, 403):
+        return "auth"
+    return "bad_request"
+
+
+def _retry_after(headers) -> float | None:
+    try:
+        return float(headers.get("retry-after"))
+    except (TypeError, ValueError):
+        return None
+
+
+class DirectTransport:
+    """Pooled keep-alive HTTP to an OpenAI-compatible api_base; bodies and events forwarded verbatim."""
+
+    def __init__(self, config: Upstream) -> None:
+        self.base = config.base_url()
+        key = config.api_key()
+        self.headers = {"authorization": f"Bearer {key}"} if key else {}
+        limits = httpx.Limits(max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency)
+        self.http = httpx.AsyncClient(limits=limits)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def post(self, endpoint: str, body: dict, timeout: float) -> Reply:
+        try:
+            r = await self.http.post(self.base + ENDPOINT_PATHS[endpoint], content=_dumps(body),
+                                     headers={**self.headers, "content-type": "application/json"}, timeout=timeout)
+        except httpx.TimeoutException:
+            raise UpstreamError("timeout", f"upstream timed out after {timeout:.1f}s") from None
+        except httpx.TransportError as exc:
+            raise UpstreamError("connection", f"upstream connection failed: {exc!r}") from None
+        if r.status_code >= 400:
+            raise _status_error(r.status_code, r.content, r.headers)
+        try:
+            parsed = json.loads(r.content)
+        except ValueError:
+            raise UpstreamError("server", f"upstream answered {r.status_code} with a body that is not JSON") from None
+        return Reply(parsed, r.content, dict(r.headers))
+
+    @contextlib.asynccontextmanager
+    async def stream(self, endpoint: str, body: dict, timeout: float) -> AsyncIterator[AsyncIterator[Event]]:
+        """Open the stream (a provider error before the first event raises UpstreamError), yield its events."""
+        request = self.http.build_request("POST", self.base + ENDPOINT_PATHS[endpoint], content=_dumps(body),
+                                          headers={**self.headers, "content-type": "application/json",
+                                                   "accept": "text/event-stream"}, timeout=timeout)
+        try:
+            response = await self.http.send(request, stream=True)
+        except httpx.TimeoutException:
+            raise UpstreamError("timeout", f"upstream timed out after {timeout:.1f}s") from None
+        except httpx.TransportError as exc:
+            raise UpstreamError("connection", f"upstream connection failed: {exc!r}") from None
+        try:
+            if response.status_code >= 400:
+                raise _status_error(response.status_code, await response.aread(), response.headers)
+            yield _events(response)
+        finally:
+            await response.aclose()
+
+
+async def _events(response: httpx.Response) -> AsyncIterator[Event]:
+    """Split an SSE byte stream into events (blank-line separated), keeping each event's bytes."""
+    lines: list[str] = []
+    try:
+        async for line in response.aiter_lines():
+            if line:
+                lines.append(line)
+                continue
+            if lines:
+                yield _event(lines)
+                lines = []
+        if lines:
+            yield _event(lines)
+    except httpx.TimeoutException:
+        raise UpstreamError("timeout", "upstream stream timed out") from None
+    except httpx.TransportError as exc:
+        raise UpstreamError("connection", f"upstream stream broke: {exc!r}") from None
+
+
+def _event(lines: list[str]) -> Event:
+    raw = ("\n".join(lines) + "\n\n").encode()
+    payload = "\n".join(l[5:].lstrip(" ") if l.startswith("data:") else "" for l in lines if l.startswith("data:"))
+    if payload.strip() == "[DONE]":
+        return Event(raw, None, done=True)
+    try:
+        data = json.loads(payload) if payload else None
+    except ValueError:
+        data = None
+    return Event(raw, data if isinstance(data, dict) else None)
+
+
+def _status_error(status: int, content: bytes, headers) -> UpstreamError:
+    try:
+        body = json.loads(content)
+    except ValueError:
+        body = None
+    text = content[:200].decode("utf-8", "replace")
+    return UpstreamError(kind_of_status(status), f"upstream answered {status}: {text}", status,
+                         body if isinstance(body, dict) else None, _retry_after(headers))
+
+
+def _dumps(body: dict) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class LitellmTransport:
+    """Calls through litellm (any provider it knows); answers rendered as OpenAI JSON."""
+
+    def __init__(self, config: Upstream) -> None:
+        import litellm  # imported on first use: ~5 s, and only upstreams that need translation pay it
+
+        self.litellm = litellm
+        self.config = config
+        self.functions = {"chat": litellm.acompletion, "completions": litellm.atext_completion,
+                          "embeddings": litellm.aembedding, "responses": litellm.aresponses}
+
+    async def aclose(self) -> None:
+        return None
+
+    def _kwargs(self, body: dict, timeout: float) -> dict[str, Any]:
+        kwargs = {k: v for k, v in body.items() if k != "model"}
+        return {"model": self.config.model, "api_base": self.config.api_base, "api_key": self.config.api_key() or "none",
+                "timeout": timeout, "max_retries": 0, **kwargs}
+
+    async def post(self, endpoint: str, body: dict, timeout: float) -> Reply:
+        try:
+            response = await self.functions[endpoint](**self._kwargs(body, timeout))
+        except Exception as exc:
+            raise classify_litellm(exc) from None
+        data = _plain(response)
+        return Reply(data, _dumps(data), {})
+
+    @contextlib.asynccontextmanager
+    async def stream(self, endpoint: str, body: dict, timeout: float) -> AsyncIterator[AsyncIterator[Event]]:
+        try:
+            response = await self.functions[endpoint](**self._kwargs({**body, "stream": True}, timeout))
+        except Exception as exc:
+            raise classify_litellm(exc) from None
+
+        async def events() -> AsyncIterator[Event]:
+            try:
+                async for chunk in response:
+                    data = _plain(chunk)
+                    name = data.get("type") if endpoint == "responses" else None
+                    raw = (f"event: {name}\n" if name else "") + f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+                    yield Event(raw.encode(), data)
+            except Exception as exc:
+                raise classify_litellm(exc) from None
+            if endpoint != "responses":
+                yield Event(b"data: [DONE]\n\n", None, done=True)
+
+        yield events()
+
+
+def _plain(obj: Any) -> dict:
+    """litellm's pydantic objects as plain JSON-able dicts."""
+    if isinstance(obj, dict):
+        return obj
+    for method in ("model_dump", "dict"):
+        if hasattr(obj, method):
+            with contextlib.suppress(Exception):
+                return json.loads(json.dumps(getattr(obj, method)(), default=str))
+    return json.loads(json.dumps(obj, default=lambda o: getattr(o, "__dict__", str(o))))
+
+
+def classify_litellm(exc: Exception) -> UpstreamError:
+    """litellm raises many exception types; map them onto the bounded kinds."""
+    if isinstance(exc, UpstreamError):
+        return exc
+    import litellm
+
+    status = getattr(exc, "status_code", None)
+    name = type(exc).__name__
+    if isinstance(exc, (asyncio.TimeoutError, litellm.exceptions.Timeout)) or "Timeout" in name:
+        kind = "timeout"
+    elif status == 429 or isinstance(exc, litellm.exceptions.RateLimitError):
+        kind = "rate_limit"
+    elif (isinstance(exc, litellm.exceptions.APIConnectionError) and not status) or "connection error" in str(exc).lower():
+        kind = "connection"  # litellm reports a refused connection as a 500 "Connection error."
+    elif isinstance(status, int):
+        kind = kind_of_status(status)
+    else:
+        kind = "server" if isinstance(exc, litellm.exceptions.APIError) else "other"
+    message = str(exc).splitlines()[0][:300] if str(exc) else name
+    response = getattr(exc, "response", None)
+    body = None
+    with contextlib.suppress(Exception):
+        body = response.json() if response is not None else None
+    return UpstreamError(kind, message, status if isinstance(status, int) else None,
+                         body if isinstance(body, dict) else None,
+                         _retry_after(getattr(response, "headers", None) or {}))
