@@ -10,6 +10,7 @@ import tempfile
 import time
 
 import gateway  # noqa: F401  (sets LITELLM_LOCAL_MODEL_COST_MAP)
+from gateway import cli_store
 
 
 def app_from_env():
@@ -105,84 +106,6 @@ def cmd_replay(args) -> int:
     return 0
 
 
-def _policy_store(args):
-    from gateway.config import load_config
-    from store.database import open_database
-    from store.policy_store import PolicyStore
-
-    path = args.db or load_config(args.config).store.path
-    return PolicyStore(open_database(path))
-
-
-def cmd_policy(args) -> int:
-    store = _policy_store(args)
-    if args.action == "show":
-        version = args.version if args.version is not None else store.latest_version()
-        print(f"policy version {version}")
-        for e in store.entries(version):
-            est = f"  value {e.value:.4f} ± {e.value_se:.4f}" if e.value is not None and e.value_se is not None else ""
-            print(f"  {e.route:12s} {e.tier:8s} prompt={e.arm.prompt_id:8s} n={e.arm.n:<3d}{est}")
-        return 0
-    if args.action == "list":
-        for v in store.versions():
-            print(f"  v{v['version']:<4d} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v['created']))}"
-                  f"  run={v['run_id'] or '-'}  {v['note'] or ''}")
-        return 0
-    if args.action == "diff":
-        a = {(e.route, e.tier): e.arm for e in store.entries(args.a)}
-        b = {(e.route, e.tier): e.arm for e in store.entries(args.b)}
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                print(f"  {key[0]:12s} {key[1]:8s} {_arm(a.get(key))} -> {_arm(b.get(key))}")
-        return 0
-    version = store.rollback(args.version)
-    print(f"published version {version} (a copy of version {args.version})")
-    return 0
-
-
-def _arm(arm) -> str:
-    return f"({arm.prompt_id}, N={arm.n})" if arm else "(start arm)"
-
-
-def cmd_keys(args) -> int:
-    from gateway.config import hash_key, load_config
-    from store.database import open_database
-    from store.keys import KeyStore
-
-    if args.action == "hash":
-        print(hash_key(args.key))
-        return 0
-    settings = load_config(args.config)
-    keys = KeyStore(open_database(args.db or settings.store.path))
-    if args.action == "create":
-        if args.tier not in {t.name for t in settings.tiers}:
-            print(f"iapo: tier {args.tier!r} is not one of {[t.name for t in settings.tiers]}", file=sys.stderr)
-            return 2
-        key = keys.create(args.tier, args.name or "")
-        print(f"{key}\n(store it now: only its hash is kept; tier {args.tier})")
-        return 0
-    if args.action == "list":
-        for k in keys.list():
-            state = "revoked" if k["revoked"] else "active"
-            print(f"  {k['name'] or '-':16s} {k['tier']:10s} {state:8s} {k['hash'][:23]}…")
-        return 0
-    revoked = keys.revoke(args.key)
-    print(f"revoked {revoked} key(s)")
-    return 0 if revoked else 1
-
-
-def cmd_train(args) -> int:
-    from gateway.config import ConfigError, load_config
-    from gateway.trainer import run_training_cli
-
-    try:
-        settings = load_config(args.config)
-    except ConfigError as exc:
-        print(f"iapo: {exc}", file=sys.stderr)
-        return 2
-    return run_training_cli(settings, args)
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="iapo", description="Inference-aware prompt optimisation gateway")
@@ -217,13 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     ps = p.add_subparsers(dest="action", required=True)
     s = ps.add_parser("show")
     s.add_argument("version", type=int, nargs="?")
+    s.add_argument("--alternatives", type=int, default=3, help="ranked alternatives shown per tier")
     ps.add_parser("list")
     s = ps.add_parser("diff")
     s.add_argument("a", type=int)
     s.add_argument("b", type=int)
     s = ps.add_parser("rollback")
     s.add_argument("version", type=int)
-    p.set_defaults(func=cmd_policy)
+    p.set_defaults(func=cli_store.cmd_policy)
 
     p = sub.add_parser("keys", help="API keys: create, list, revoke (stored hashed), or hash one for the config")
     p.add_argument("--config")
@@ -237,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ks.add_parser("list")
     s = ks.add_parser("revoke", help="revoke by name or hash prefix")
     s.add_argument("key")
-    p.set_defaults(func=cmd_keys)
+    p.set_defaults(func=cli_store.cmd_keys)
 
     p = sub.add_parser("train", help="re-learn the policy of each route with PSST on logged traffic")
     p.add_argument("--config")
@@ -245,10 +169,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int)
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--publish-partial", action="store_true")
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--fresh", action="store_true", help="do not resume an unfinished run of the route")
+    p.set_defaults(func=cli_store.cmd_train)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    return run_command(args)
+
+
+def run_command(args) -> int:
+    """Run a subcommand; domain errors become one line on stderr and an exit code, never a traceback."""
+    import sqlite3
+
+    from gateway.cli_store import CliError
+    from gateway.config import ConfigError
+    from store.errors import StoreError
+
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"iapo: {exc}", file=sys.stderr)
+        return exc.code
+    except ConfigError as exc:
+        print(f"iapo: {exc}", file=sys.stderr)
+        return 2
+    except (StoreError, sqlite3.Error) as exc:
+        print(f"iapo: the store cannot be used: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -238,6 +238,7 @@ class TrainConfig(Strict):
     min_queries: int = Field(20, ge=1)
     max_queries: int = Field(1000, ge=1)
     concurrency: int = Field(32, ge=1)
+    max_share: float = Field(0.5, gt=0, le=1)  # of each upstream's max_concurrency: serving keeps the rest
     interval_seconds: float | None = Field(None, gt=0)  # `iapo serve` trains itself this often; off by default
     screening_k: int | None = Field(None, ge=1)
     screening_fraction: float = Field(0.2, gt=0, lt=1)
@@ -245,6 +246,9 @@ class TrainConfig(Strict):
     pull_size: int | None = Field(None, ge=1)  # completions per pull with the pooled estimator (default 8)
     reuse_served: bool = True
     seed: int = 0
+    # send each exploration pull a `seed` derived from train.seed and its position in the run, so where a
+    # provider honours seeds a run's draws are reproducible (two runs with one seed learn the same policy)
+    pull_seeds: bool = False
 
     @model_validator(mode="after")
     def _pull_size_needs_pooled(self) -> "TrainConfig":

@@ -76,6 +76,7 @@ class Ticket:
     reservation: Reservation | None = None
     upstream_s: float = 0.0
     counted: bool = False
+    degraded: bool = False  # a cap had no room for the planned arm: a cheaper one is served
 
     @property
     def route_label(self) -> str:
@@ -104,7 +105,7 @@ class Pipeline:
             target = Access.authorise(ticket.caller, call.model, rt)
             ticket.plan = self.plan(rt, call, ticket.caller, target)
             svc.require_store()
-            await self.reserve(rt, ticket)
+            await self.reserve(rt, ticket, call)
             self._describe(ticket, call)
             if call.stream:
                 handed_off = True  # the stream's own task settles, logs, counts and leaves in-flight
@@ -133,14 +134,7 @@ class Pipeline:
                 raise invalid(f"'n' must be 1 for the routed model `{target.name}`: the gateway chooses how many "
                               "completions to draw and returns the best one.", param="n")
             route = rt.settings.route(target.name)
-            upstream = rt.upstreams[route.upstream]
-            arm = self.service.arm_for(route, tier, rt)
-            body, overridden = apply_arm(route, arm.prompt_id, call.body, OWNED_ON_ROUTES)
-            body["model"] = upstream.config.wire_model
-            worst, tokens = upstream.worst_case(body["messages"], _token_limit(body))
-            n = clamp_n(arm.n, route_n_max=route.n_max, tier_max_n=tier.max_n,
-                        max_cost_per_request=tier.max_cost_per_request, worst_cost_per_completion=worst)
-            return Plan(target, upstream, body, n, worst, tokens, route, arm, overridden)
+            return self._route_plan(rt, call, tier, target, route, self.service.arm_for(route, tier, rt))
         upstream = rt.upstreams[target.name]
         body = {**call.body, "model": upstream.config.wire_model}
         n = call.n
@@ -155,8 +149,31 @@ class Pipeline:
                           f"${tier.max_cost_per_request}. Lower max_tokens or n.", code="request_cost_above_limit")
         return Plan(target, upstream, body, n, worst, tokens)
 
-    async def reserve(self, rt: Runtime, ticket: Ticket) -> None:
-        """Book the worst case under every cap of the caller's tier and key: 429, 503, or (degrade) fewer."""
+    def _route_plan(self, rt: Runtime, call: ApiCall, tier, target: Target, route, arm: Arm) -> Plan:
+        upstream = rt.upstreams[route.upstream]
+        body, overridden = apply_arm(route, arm.prompt_id, call.body, OWNED_ON_ROUTES)
+        body["model"] = upstream.config.wire_model
+        worst, tokens = upstream.worst_case(body["messages"], _token_limit(body))
+        n = clamp_n(arm.n, route_n_max=route.n_max, tier_max_n=tier.max_n,
+                    max_cost_per_request=tier.max_cost_per_request, worst_cost_per_completion=worst)
+        return Plan(target, upstream, body, n, worst, tokens, route, arm, overridden)
+
+    def _fallbacks(self, rt: Runtime, call: ApiCall, ticket: Ticket) -> list[Plan]:
+        """`degrade` on a route with a published ranking: the tier's ranked arms, best first, each as it
+        would be served to this request (an arm this request cannot be served at its N is skipped)."""
+        plan, tier = ticket.plan, ticket.caller.tier
+        plans = []
+        for ranked in self.service.policy.alternatives(plan.route.model, tier.name):
+            if ranked.arm == plan.arm or not any(p.id == ranked.prompt_id for p in plan.route.prompts):
+                continue
+            alt = self._route_plan(rt, call, tier, plan.target, plan.route, ranked.arm)
+            if alt.n == ranked.n:
+                plans.append(alt)
+        return plans
+
+    async def reserve(self, rt: Runtime, ticket: Ticket, call: ApiCall) -> None:
+        """Book the worst case under every cap of the caller's tier and key: 429, 503, or (degrade) the
+        best ranked arm that fits (another prompt, or fewer completions when nothing is ranked)."""
         plan, caller = ticket.plan, ticket.caller
         caps = rt.caps(caller.tier, caller.key_id)
         if not caps:
@@ -165,19 +182,27 @@ class Pipeline:
         scoring = rt.scorers[plan.route.model].timeout if plan.route is not None and plan.route.model in rt.scorers else 0
         expires = time.time() + plan.upstream.deadline_s + scoring + rt.settings.store.reservation_grace_seconds
         degrade = plan.route is not None and caller.tier.on_exhausted == "degrade"
+        fallbacks = self._fallbacks(rt, call, ticket) if degrade else []
+        where = dict(owner=svc.instance_id, expires_at=expires, reservation_id=ticket.record.id)
         try:
-            reservation = await svc.reserve(caps, plan.n, plan.worst_dollars, plan.worst_tokens, allow_fewer=degrade,
-                                             owner=svc.instance_id, expires_at=expires,
-                                             reservation_id=ticket.record.id)
+            if fallbacks:
+                options = [plan, *fallbacks]
+                index, reservation = await svc.reserve_first(
+                    caps, [(p.n, p.worst_dollars, p.worst_tokens) for p in options], **where)
+                ticket.plan = options[index]
+            else:
+                reservation = await svc.reserve(caps, plan.n, plan.worst_dollars, plan.worst_tokens,
+                                                allow_fewer=degrade, **where)
         except BudgetExhausted as exc:
             svc.metrics.budget_rejections.labels(caller.tier.name, f"{exc.cap.scope.split(':')[0]}:{exc.cap.window}").inc()
             raise GatewayError(429, f"Budget exhausted: {exc}.", type="insufficient_quota", code="budget_exhausted",
                                headers={"retry-after": str(max(1, int(exc.reset - time.time()) + 1))}) from None
         except StoreUnavailable as exc:
             raise store_unavailable(f"The spend ledger cannot be written ({exc}); nothing was sent upstream.") from None
-        if reservation.n < plan.n:
+        if reservation.n < plan.n or ticket.plan is not plan:
             svc.metrics.budget_degradations.labels(ticket.route_label, caller.tier.name).inc()
-            plan.n = reservation.n
+            ticket.plan.n = reservation.n
+            ticket.degraded = True
         ticket.reservation = reservation
 
     def _describe(self, ticket: Ticket, call: ApiCall) -> None:
@@ -428,6 +453,8 @@ class Pipeline:
                             "x-iapo-policy-version": str(ticket.record.policy_version)})
             if plan.overridden:
                 headers["x-iapo-overridden"] = ",".join(plan.overridden)
+            if ticket.degraded:
+                headers["x-iapo-degraded"] = "budget"
         if logged is False:
             headers["x-iapo-logged"] = "pending"  # the store is failing: the rows wait in memory, not on disk
         overhead = max(0.0, (time.perf_counter() - ticket.started - ticket.upstream_s) * 1000)

@@ -48,6 +48,7 @@ class RequestRecord:
     status: int | None = None
     error: str | None = None
     run_id: str | None = None
+    run_pull: int | None = None  # an exploration pull's position in its run (resume replays by it)
 
     def add_usage(self, completions: list[Completion]) -> None:
         self.prompt_tokens = sum(c.prompt_tokens for c in completions)

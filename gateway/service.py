@@ -161,6 +161,10 @@ class GatewayService:
         """`SpendLedger.reserve` on the ledger's thread (BudgetExhausted and StoreUnavailable pass through)."""
         return await self._in_ledger_thread(self.ledger.reserve, *args, **kwargs)
 
+    async def reserve_first(self, *args, **kwargs) -> tuple[int, Reservation]:
+        """`SpendLedger.reserve_first` on the ledger's thread."""
+        return await self._in_ledger_thread(self.ledger.reserve_first, *args, **kwargs)
+
     async def settle(self, reservation: Reservation, dollars: float, tokens: int) -> None:
         """Book real spend; if the ledger cannot be written now, keep the settle and retry it (the
         reservation meanwhile holds the room until it expires)."""
@@ -238,15 +242,16 @@ class GatewayService:
                 log.exception("store housekeeping failed; it runs again in %.0f s", HOUSEKEEPING_SECONDS)
 
     async def _train_periodically(self) -> None:
-        """`train.interval_seconds`: re-learn every route in a worker thread; serving never waits on it."""
-        from gateway.trainer import summary, train_routes
+        """`train.interval_seconds`: re-learn every route on the serving runtime (so training takes at most
+        `train.max_share` of each upstream's concurrency, next to serving), in this event loop."""
+        from gateway.trainer import train_routes
 
         while True:
             await asyncio.sleep(self.settings.train.interval_seconds)
             try:
-                reports = await asyncio.to_thread(lambda: asyncio.run(train_routes(self.settings)))
-                for report in reports:
-                    log.info("%s", summary(report))
+                for r in await train_routes(self.settings, rt=self.rt):
+                    log.info("training %s: %s%s%s", r.route, r.status, f" (version {r.version})" if r.version else "",
+                             f": {r.message}" if r.message else "")
             except Exception:
                 log.exception("scheduled training failed; serving continues on version %d", self.policy.version)
 

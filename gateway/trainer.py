@@ -1,45 +1,54 @@
-"""The closed loop: re-learn a route's policy with PSST on logged queries, through real upstream calls.
+"""The closed loop as a library: re-learn a route's policy with PSST on logged queries, through the
+same runtime that serves (upstream clients, scorers, extractors, weights), and publish it.
 
-Each PSST round is one batch of upstream calls (bounded concurrency); every exploration completion is
-logged (kind='explore'); served requests with the same prompt version are offered as free pulls; the
-result is published as a new policy version atomically, or not at all.
+Each PSST round is one batch of upstream calls, under `train.concurrency` and at most `train.max_share`
+of the upstream's concurrency; every exploration pull is logged (kind='explore', its position in the
+run) as it completes, so a run killed part-way resumes under its id and replays what it paid for.
+Served requests with the same prompt version are offered as free pulls. Candidates are only arms each
+tier can be served (its max_n and cost cap at the worst case); the result is published atomically
+with each tier's ranked arms, or not at all. Returns reports; prints nothing.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
-import sys
+import math
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import httpx
 import numpy as np
 
 from gateway.config import Route, Settings
-from gateway.runtime import Runtime, prompt_version
 from gateway.prompting import apply_arm
 from gateway.records import RequestRecord, completion_rows
-from gateway.upstream import UpstreamClient
-from policies.aggregate import AnswerExtractor, answer_of
-from policies.arms import Arm
+from gateway.runtime import Runtime
+from gateway.upstream import Completion
+from policies.aggregate import answer_of
+from policies.arms import Arm, RankedArm
+from policies.budget import clamp_n
 from policies.psst import PSST, Context, Outcome, TopK
-from store.database import open_database, write_transaction
+from store.database import open_database
 from store.policy_store import PolicyEntry, PolicyStore
 from store.queries import served_pulls, training_queries
 from store.spend import SpendLedger
 from store.training_lock import TrainingLock, TrainingLockHeld
+from store.training_runs import LoggedPull, TrainingRun, TrainingRuns
+from store.writer import LogWriter, RequestLog
 
 log = logging.getLogger("iapo.train")
 
 
 class TrainingRefused(Exception):
-    """The route cannot be trained as configured (no gold, too few queries, lock held)."""
+    """The route cannot be trained as configured (no gold, too few queries, lock held, no such route)."""
 
 
 class TrainingFault(Exception):
-    """An upstream or scorer failure during exploration; the run ends unpublished."""
+    """An upstream, verifier or scorer failure during exploration; the run ends unpublished."""
 
 
 @dataclass
@@ -50,6 +59,16 @@ class TierChange:
     old_value: float
     new_value: float
     new_se: float
+    ranked: list[RankedArm] = field(default_factory=list)
+
+
+@dataclass
+class RoundProgress:
+    route: str
+    round: int
+    completions: int
+    budget: int
+    dollars: float
 
 
 @dataclass
@@ -63,65 +82,44 @@ class TrainingReport:
     completions: int = 0
     dollars: float = 0.0
     saved_completions: int = 0
+    resumed: bool = False
+    replayed_completions: int = 0  # paid for by the killed run this one resumed, not bought again
     queries: int = 0
     rounds: list[dict] = field(default_factory=list)
     changes: list[TierChange] = field(default_factory=list)
+    feasible: dict[str, dict[str, int]] = field(default_factory=dict)
     wall_s: float = 0.0
 
 
-def contexts_for(settings: Settings, route: Route) -> dict[str, Context]:
-    """Each tier is a context: its weights over the route's objectives and its λ."""
-    out = {}
-    for tier in settings.tiers:
-        if route.aggregator == "mv":
-            weights = (tier.weights.get("correct", 1.0),)
-        else:
-            names = [o.name for o in route.objectives]
-            weights = tuple(tier.weights.get(n, 0.0) for n in names) if tier.weights else tuple([1 / len(names)] * len(names))
-        out[tier.name] = Context(weights, tier.cost_weight)
-    return out
-
-
-class Progress:
-    """A one-line bar on a terminal, plain log lines otherwise."""
-
-    def __init__(self, route: str, budget: int, stream=None) -> None:
-        self.route, self.budget = route, budget
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-
-    def update(self, round_no: int, rounds: int, spent: int, dollars: float) -> None:
-        if self.tty:
-            width = 30
-            done = int(width * spent / max(self.budget, 1))
-            self.stream.write(f"\r{self.route}: [{'#' * done}{'.' * (width - done)}] round {round_no}/{rounds} "
-                              f"{spent}/{self.budget} completions ${dollars:.4f}")
-            self.stream.flush()
-        else:
-            log.info("%s: round %d/%d, %d/%d completions, $%.4f", self.route, round_no, rounds, spent, self.budget, dollars)
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
+def contexts_for(rt: Runtime, route: Route) -> dict[str, Context]:
+    """Each tier is a context: its weights over the route's objectives (as serving weighs them) and its λ."""
+    return {t.name: Context(tuple(float(w) for w in rt.weights(route, t)), t.cost_weight) for t in rt.settings.tiers}
 
 
 class RouteTrainer:
-    def __init__(self, settings: Settings, route: Route, *, budget: int | None = None,
-                 max_dollars: float | None = None, progress_stream=None) -> None:
-        self.settings, self.route = settings, route
-        self.config = settings.train
+    def __init__(self, rt: Runtime, route: Route, *, budget: int | None = None, max_dollars: float | None = None,
+                 on_progress: Callable[[RoundProgress], None] | None = None, writer: LogWriter | None = None) -> None:
+        self.rt, self.route = rt, route
+        self.settings = rt.settings
+        self.config = self.settings.train
         self.budget = budget or self.config.budget
         self.max_dollars = max_dollars if max_dollars is not None else self.config.max_dollars
-        self.progress_stream = progress_stream
-        self.extract = AnswerExtractor(route.extractor.pattern, route.extractor.normalize)
-        self.prompt_versions = {p.id: prompt_version(route, p.id) for p in route.prompts}
+        self.on_progress = on_progress
+        self.extract = rt.extractors[route.model]
+        self.upstream = rt.upstreams[route.upstream]
+        self.scorer = rt.scorers.get(route.model)
+        self.prompt_versions = {p.id: rt.prompt_versions[(route.model, p.id)] for p in route.prompts}
+        share = max(1, math.floor(self.config.max_share * self.upstream.config.max_concurrency))
+        self.slots = asyncio.Semaphore(min(self.config.concurrency, share))
+        self._writer = writer
 
-    async def run(self, *, dry_run: bool = False, publish_partial: bool = False) -> TrainingReport:
+    async def run(self, *, dry_run: bool = False, publish_partial: bool = False, resume: bool = True) -> TrainingReport:
         start = time.monotonic()
-        run_id = f"train-{uuid.uuid4().hex[:12]}"
-        report = TrainingReport(self.route.model, run_id, "aborted", budget=self.budget)
+        report = TrainingReport(self.route.model, f"train-{uuid.uuid4().hex[:12]}", "aborted", budget=self.budget)
         db = open_database(self.settings.store.path)
-        lock = TrainingLock(db, self.route.model, run_id)
+        lock = TrainingLock(db, self.route.model, report.run_id)
+        runs = TrainingRuns(db)
+        self.run_row: TrainingRun | None = None
         locked = False
         try:
             if not dry_run:
@@ -131,63 +129,86 @@ class RouteTrainer:
                 except TrainingLockHeld as exc:
                     report.status, report.message = "refused", str(exc)
                     return report
-            await self._run(db, report, dry_run=dry_run, publish_partial=publish_partial)
+            await self._run(db, runs, report, dry_run=dry_run, publish_partial=publish_partial, resume=resume)
         except TrainingRefused as exc:
             report.status, report.message = "refused", str(exc)
         except TrainingFault as exc:
-            report.status, report.message = "aborted", f"{exc}; the serving policy is unchanged"
+            report.status, report.message = "aborted", f"{exc}; the serving policy is unchanged (the pulls paid " \
+                                                       "for are logged: the next run resumes from them)"
         finally:
+            if self.run_row is not None:
+                runs.finish(self.run_row.run_id, report.status, {
+                    "completions": report.completions, "dollars": report.dollars, "version": report.version,
+                    "message": report.message, "replayed_completions": report.replayed_completions})
             if locked:
                 lock.release()
             db.conn.close()
             report.wall_s = time.monotonic() - start
         return report
 
-    async def _run(self, db, report: TrainingReport, *, dry_run: bool, publish_partial: bool) -> None:
+    # -- the run --------------------------------------------------------------------------------
+    async def _run(self, db, runs: TrainingRuns, report: TrainingReport, *, dry_run: bool, publish_partial: bool,
+                   resume: bool) -> None:
         route, cfg = self.route, self.config
-        since = time.time() - cfg.window_hours * 3600
-        queries = training_queries(db, route.model, since=since, limit=cfg.max_queries)
-        self.http = httpx.AsyncClient()
-        self.rt = Runtime.build(self.settings, self.http)
-        try:
-            if route.aggregator == "mv":
-                queries = await self._with_gold(queries)
-            if len(queries) < cfg.min_queries:
-                raise TrainingRefused(f"route {route.model!r} has {len(queries)} usable training queries in the window; "
-                                      f"train.min_queries is {cfg.min_queries}")
-            report.queries = len(queries)
-            contexts = contexts_for(self.settings, route)
-            trainer = PSST(prompts=[p.id for p in route.prompts], n_max=route.n_max, contexts=contexts,
-                           budget=self.budget, aggregator=route.aggregator, seed=cfg.seed, n_queries=len(queries),
-                           screening=TopK(cfg.screening_k, cfg.screening_fraction) if cfg.screening_k else None,
-                           estimator=cfg.estimator, pull_size=cfg.pull_size)
-            if dry_run:
-                self._plan(trainer, report)
-                return
-            if cfg.reuse_served:
-                report.saved_completions = self._offer_served(db, trainer, queries)
-            await self._explore(db, trainer, queries, report)
-            policy = trainer.policy()
-            old = PolicyStore(db).load()
-            for tier, (prompt_id, n) in policy.items():
-                start = route.start.get(tier) or route.start.get("default")
-                prev = old.arm_for(route.model, tier) or (Arm(start.prompt, start.n) if start else Arm(route.prompts[0].id, 1))
-                new_value, new_se = trainer.estimate(tier, prompt_id, n)
-                old_value = trainer.estimate(tier, prev.prompt_id, min(prev.n, route.n_max))[0] \
-                    if prev.prompt_id in trainer.prompt_index else float("nan")
-                report.changes.append(TierChange(tier, prev, Arm(prompt_id, n), old_value, new_value, new_se))
-            complete = trainer.finished and report.status != "partial"
-            if complete or publish_partial:
-                entries = [PolicyEntry(route.model, c.tier, c.new, _num(c.new_value), _num(c.new_se), report.completions)
-                           for c in report.changes]
-                report.version = PolicyStore(db).publish(entries, run_id=report.run_id,
-                                                         note=f"iapo train {route.model}" + ("" if complete else " (partial)"))
-                report.status = "published" if complete else "partial"
-            else:
-                report.status = "unpublished"
-        finally:
-            await self.rt.aclose()
-            await self.http.aclose()
+        run = runs.unfinished(route.model) if resume and not dry_run else None
+        queries = run.queries if run is not None else await self._fresh_queries(db)
+        if len(queries) < cfg.min_queries:
+            raise TrainingRefused(f"route {route.model!r} has {len(queries)} usable training queries in the window; "
+                                  f"train.min_queries is {cfg.min_queries}")
+        report.queries = len(queries)
+        report.feasible = self._feasible(queries)
+        fingerprint = self._fingerprint(report.feasible)
+        engine = PSST(prompts=[p.id for p in route.prompts], n_max=route.n_max, contexts=contexts_for(self.rt, route),
+                      budget=self.budget, aggregator=route.aggregator, seed=cfg.seed, n_queries=len(queries),
+                      screening=TopK(cfg.screening_k, cfg.screening_fraction) if cfg.screening_k else None,
+                      estimator=cfg.estimator, pull_size=cfg.pull_size, feasible=report.feasible)
+        if dry_run:
+            self._plan(engine, queries, report)
+            return
+        if run is not None and run.fingerprint == fingerprint:
+            report.run_id, report.resumed = run.run_id, True
+            logged = runs.logged_pulls(run.run_id)
+            log.info("resuming training run %s of %s: %d pulls already logged", run.run_id, route.model, len(logged))
+        else:
+            if run is not None:  # settings changed since: its pulls answer another question
+                runs.finish(run.run_id, "abandoned", {"message": "settings changed before it could resume"})
+            run = TrainingRun(report.run_id, route.model, "running", time.time(), fingerprint, self.budget, queries)
+            runs.begin(run)
+            logged = {}
+        self.run_row = run
+        if cfg.reuse_served:
+            report.saved_completions = await self._offer_served(engine, queries, until=run.started)
+        await self._explore(db, runs, engine, queries, logged, report)
+        self._publish(db, engine, report, publish_partial)
+
+    async def _fresh_queries(self, db) -> list[dict]:
+        since = time.time() - self.config.window_hours * 3600
+        queries = await asyncio.to_thread(_read, self.settings.store.path, training_queries, self.route.model,
+                                          since=since, limit=self.config.max_queries)
+        if self.route.aggregator == "mv":
+            queries = await self._with_gold(queries)
+        return sorted(queries, key=lambda q: q["query_key"])  # a stable order: query slots mean the same queries
+
+    def _feasible(self, queries: list[dict]) -> dict[str, dict[str, int]]:
+        """Per tier and prompt, the largest N it can be served: the tier's max_n, and its cost cap at the
+        worst case of the longest training query (serving computes the same bound per request)."""
+        longest = max(queries, key=lambda q: len(json.dumps(q["messages"])))["messages"] if queries else []
+        worst = {}
+        for p in self.route.prompts:
+            body = self._body(p.id, longest or [{"role": "user", "content": ""}])
+            worst[p.id] = self.upstream.worst_case(body["messages"], _limit(body))[0]
+        return {t.name: {p: clamp_n(self.route.n_max, route_n_max=self.route.n_max, tier_max_n=t.max_n,
+                                    max_cost_per_request=t.max_cost_per_request, worst_cost_per_completion=w)
+                         for p, w in worst.items()}
+                for t in self.settings.tiers}
+
+    def _fingerprint(self, feasible: dict) -> str:
+        """What a run's pulls depend on: resume only a run with the same settings."""
+        cfg = self.config
+        parts = [self.route.model, self.route.aggregator, self.route.n_max, sorted(self.prompt_versions.items()),
+                 self.budget, cfg.seed, cfg.estimator, cfg.pull_size, cfg.screening_k, cfg.screening_fraction,
+                 feasible, {k: list(c.weights) + [c.cost_weight] for k, c in contexts_for(self.rt, self.route).items()}]
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     async def _with_gold(self, queries: list[dict]) -> list[dict]:
         """MV needs gold: feedback's, else the route's verifier; queries without either are dropped."""
@@ -199,27 +220,29 @@ class RouteTrainer:
             return [q for q in queries if q["gold"] is not None]
         if missing:
             verifier = self.route.verifier
-            sem = asyncio.Semaphore(self.config.concurrency)
+            async with httpx.AsyncClient() as http:
+                async def verify(q):
+                    async with self.slots:
+                        r = await http.post(verifier.url, json={"messages": q["messages"]}, timeout=verifier.timeout)
+                        r.raise_for_status()
+                        gold = r.json().get("gold")
+                        q["gold"] = self.rt.gold(self.route.model, gold) if gold is not None else None
 
-            async def verify(q):
-                async with sem:
-                    r = await self.http.post(verifier.url, json={"messages": q["messages"]}, timeout=verifier.timeout)
-                    r.raise_for_status()
-                    gold = r.json().get("gold")
-                    q["gold"] = self.extract(f"Final answer: {gold}") if gold is not None else None
-
-            try:
-                await asyncio.gather(*(verify(q) for q in missing))
-            except httpx.HTTPError as exc:
-                raise TrainingFault(f"verifier failed: {exc}") from None
+                try:
+                    await asyncio.gather(*(verify(q) for q in missing))
+                except (httpx.HTTPError, ValueError) as exc:
+                    raise TrainingFault(f"verifier failed: {exc}") from None
         return [q for q in queries if q["gold"] is not None]
 
-    def _offer_served(self, db, trainer: PSST, queries: list[dict]) -> int:
-        """Served requests on a training query with the current prompt version are free pulls."""
+    async def _offer_served(self, engine: PSST, queries: list[dict], *, until: float) -> int:
+        """Served requests on a training query with the current prompt version, up to the run's start,
+        are free pulls (the same ones again when the run resumes)."""
         gold = {q["query_key"]: q["gold"] for q in queries}
+        since = until - self.config.window_hours * 3600
+        served = await asyncio.to_thread(_read, self.settings.store.path, served_pulls, self.route.model,
+                                         since=since, until=until)
         pulls = []
-        since = time.time() - self.config.window_hours * 3600
-        for r in served_pulls(db, self.route.model, since=since):
+        for r in served:
             if r["query_key"] not in gold or self.prompt_versions.get(r["prompt_id"]) != r["prompt_version"]:
                 continue
             if self.route.aggregator == "mv":
@@ -231,160 +254,186 @@ class RouteTrainer:
             else:
                 continue
             pulls.append((r["prompt_id"], len(r["costs"]), outcome))
-        trainer.offer(pulls)
+        engine.offer(pulls)
         return sum(n for _, n, _ in pulls)
 
-    def _plan(self, trainer: PSST, report: TrainingReport) -> None:
+    def _plan(self, engine: PSST, queries: list[dict], report: TrainingReport) -> None:
         """Dry run: walk the schedule with empty outcomes; cost at each prompt's worst case."""
-        upstream = self.rt.upstreams[self.route.upstream]
-        worst = {}
-        for p in self.route.prompts:
-            body = self._body(p.id, [{"role": "user", "content": ""}])
-            worst[p.id] = upstream.worst_case(body["messages"], _limit(body))[0]
+        longest = max(queries, key=lambda q: len(json.dumps(q["messages"])))["messages"]
+        worst = {p.id: self.upstream.worst_case(*_worst_args(self._body(p.id, longest)))[0] for p in self.route.prompts}
         K = max(1, len(self.route.objectives))
-        while batch := trainer.ask():
+        while batch := engine.ask():
             report.rounds.append({"pulls": len(batch), "completions": sum(n for _, n in batch),
                                   "worst_dollars": sum(worst[p] * n for p, n in batch)})
-            empty = [(p, n, Outcome(costs=np.zeros(n), answers=[None] * n, gold=None, scores=np.zeros((n, K))))
-                     for p, n in batch]
-            trainer.tell(empty)
+            engine.tell([(p, n, Outcome(costs=np.zeros(n), answers=[None] * n, gold=None, scores=np.zeros((n, K))))
+                         for p, n in batch])
         report.completions = sum(r["completions"] for r in report.rounds)
         report.dollars = sum(r["worst_dollars"] for r in report.rounds)
         report.status = "dry-run"
 
-    async def _explore(self, db, trainer: PSST, queries: list[dict], report: TrainingReport) -> None:
-        route = self.route
-        upstream = self.rt.upstreams[route.upstream]
-        scorer = self.rt.scorers.get(route.model)
-        progress = Progress(route.model, self.budget, self.progress_stream)
-        sem = asyncio.Semaphore(self.config.concurrency)
+    # -- exploration ----------------------------------------------------------------------------
+    async def _explore(self, db, runs: TrainingRuns, engine: PSST, queries: list[dict],
+                       logged: dict[int, LoggedPull], report: TrainingReport) -> None:
+        ledger = SpendLedger(open_database(self.settings.store.path))
+        writer = self._writer or LogWriter(self.settings.store.path)
+        self._ledger_lock = asyncio.Lock()
+        seq = 0
         try:
-            round_no = 0
-            while batch := trainer.ask():
-                round_no += 1
-                planned = [(pull, queries[pull.query if pull.query is not None else
-                                          int(trainer.rng.integers(len(queries)))]) for pull in batch]
-                prepared = []
-                for pull, q in planned:
+            while batch := engine.ask():
+                told, to_buy = [], []
+                for pull in batch:
+                    q = queries[pull.query if pull.query is not None else int(engine.rng.integers(len(queries)))]
                     body = self._body(pull[0], q["messages"])
-                    prepared.append((pull, q, body, upstream.worst_case(body["messages"], _limit(body))[0] * pull[1]))
-                if self.max_dollars is not None:
+                    if self.config.pull_seeds and "seed" not in body:
+                        body["seed"] = _pull_seed(self.config.seed, seq)
+                    done = logged.get(seq)
+                    if done is not None and (done.prompt_id, done.n, done.query_key) == (pull[0], pull[1], q["query_key"]) \
+                            and not done.errors:
+                        told.append((pull, self._outcome_of(done, q)))
+                        report.replayed_completions += pull[1]
+                    else:
+                        cost = self.upstream.worst_case(*_worst_args(body))[0] * pull[1]
+                        to_buy.append((seq, pull, q, body, cost))
+                    seq += 1
+                report.dollars += sum(float(np.sum(o.costs)) for _, o in told)
+                if self.max_dollars is not None and to_buy:
                     room = self.max_dollars - report.dollars
-                    fits = np.cumsum([w for *_, w in prepared]) <= room + 1e-12
+                    fits = np.cumsum([item[-1] for item in to_buy]) <= room + 1e-12
                     if not fits.all():
-                        prepared = [p for p, ok in zip(prepared, fits) if ok]
-                        report.status = "partial"
-                        report.message = f"dollar cap ${self.max_dollars} reached"
-                results = await asyncio.gather(*(self._pull(sem, upstream, scorer, *p[:3]) for p in prepared))
-                self._record(db, results, report.run_id)
-                trainer.tell([(pull[0], pull[1], outcome) for pull, outcome, _ in results])
-                report.completions += sum(pull[1] for pull, _, _ in results)
-                report.dollars += sum(float(np.sum(o.costs)) for _, o, _ in results)
-                report.rounds.append({"pulls": len(results), "completions": sum(p[1] for p, _, _ in results)})
-                progress.update(round_no, trainer.rounds if hasattr(trainer, "rounds") else 0, report.completions,
-                                report.dollars)
+                        to_buy = [item for item, ok in zip(to_buy, fits) if ok]
+                        report.status, report.message = "partial", f"dollar cap ${self.max_dollars} reached"
+                results = await asyncio.gather(*(self._pull(writer, ledger, report.run_id, *item[:4]) for item in to_buy),
+                                               return_exceptions=True)  # every pull that was paid for gets logged
+                failures = [r for r in results if isinstance(r, BaseException)]
+                if failures:
+                    raise failures[0]
+                bought = list(results)
+                told += bought
+                engine.tell([(pull[0], pull[1], outcome) for pull, outcome in told])
+                report.completions += sum(pull[1] for pull, _ in told)
+                report.dollars += sum(float(np.sum(o.costs)) for _, o in bought)
+                report.rounds.append({"pulls": len(told), "completions": sum(p[1] for p, _ in told),
+                                      "replayed": sum(1 for p, _ in told) - len(bought)})
+                await asyncio.to_thread(runs.progress, report.run_id, report.completions, report.dollars)
+                if self.on_progress:
+                    self.on_progress(RoundProgress(self.route.model, len(report.rounds), report.completions,
+                                                   self.budget, report.dollars))
                 if report.status == "partial":
                     break
         finally:
-            progress.close()
+            if self._writer is None:
+                await asyncio.to_thread(writer.close)
+            ledger.db.conn.close()
 
     def _body(self, prompt_id: str, messages: list[dict]) -> dict:
         body, _ = apply_arm(self.route, prompt_id, {"messages": messages}, ("messages",))
-        body["model"] = self.rt.upstreams[self.route.upstream].config.wire_model
+        body["model"] = self.upstream.config.wire_model
         return body
 
-    async def _pull(self, sem, upstream: UpstreamClient, scorer, pull, query, body):
+    async def _pull(self, writer: LogWriter, ledger: SpendLedger, run_id: str, seq: int, pull, query: dict, body: dict):
+        """Buy one pull, score it, and log it before it is told: what was paid for is never lost."""
         prompt_id, n = pull[0], pull[1]
-        messages = body["messages"]
-        async with sem:
-            completions = (await upstream.draw(body, n)).completions
+        async with self.slots:
+            completions = (await self.upstream.draw(body, n)).completions
         failed = [c for c in completions if c.error]
         if failed:
             raise TrainingFault(f"upstream failed during exploration ({failed[0].error_kind}: {failed[0].error})")
+        answers, scores = await self._judge(body["messages"], completions)
+        record = RequestRecord(id=f"explore-{uuid.uuid4().hex}", created=time.time(), kind="explore",
+                               route=self.route.model, upstream=self.route.upstream, prompt_id=prompt_id,
+                               prompt_version=self.prompt_versions[prompt_id], n=n,
+                               aggregator=self.route.aggregator, messages=json.dumps(query["messages"], ensure_ascii=False),
+                               query_key=query["query_key"], status=200, run_id=run_id, run_pull=seq)
+        record.add_usage(completions)
+        await writer.submit(RequestLog(asdict(record), completion_rows(record.id, completions, answers, scores)),
+                            wait=True, timeout=60)
+        async with self._ledger_lock:
+            await asyncio.to_thread(ledger.record, f"explore:{self.route.model}", ("per_day", "per_month"),
+                                    record.cost, record.prompt_tokens + record.completion_tokens)
         costs = np.array([c.cost for c in completions])
         if self.route.aggregator == "mv":
-            answers = [answer_of(c.message, self.extract) for c in completions]
-            outcome = Outcome(costs=costs, answers=answers, gold=query["gold"], query=query["query_key"])
-            scores = None
-        else:
-            try:
-                scores = await scorer.score(messages, [c.message for c in completions])
-            except Exception as exc:
-                raise TrainingFault(f"scoring failed during exploration: {exc}") from None
-            answers = [None] * n
-            outcome = Outcome(costs=costs, scores=scores, query=query["query_key"])
-        rows = (prompt_id, n, query, completions, answers, scores)
-        return pull, outcome, rows
+            return pull, Outcome(costs=costs, answers=answers, gold=query["gold"], query=query["query_key"])
+        return pull, Outcome(costs=costs, scores=scores, query=query["query_key"])
 
-    def _record(self, db, results, run_id: str) -> None:
-        """Exploration pulls go to the log like served requests (kind='explore'), one transaction per round."""
-        now = time.time()
-        requests, completions = [], []
-        for _, _, (prompt_id, n, query, comps, answers, scores) in results:
-            record = RequestRecord(
-                id=f"explore-{uuid.uuid4().hex}", created=now, kind="explore", route=self.route.model,
-                upstream=self.route.upstream, prompt_id=prompt_id, prompt_version=self.prompt_versions[prompt_id], n=n,
-                aggregator=self.route.aggregator, messages=json.dumps(query["messages"], ensure_ascii=False),
-                query_key=query["query_key"], status=200, run_id=run_id)
-            record.add_usage(comps)
-            requests.append(asdict(record))
-            completions += completion_rows(record.id, comps, answers, scores)
-        with write_transaction(db):
-            db["requests"].insert_all(requests)
-            db["completions"].insert_all(completions)
-        SpendLedger(db).record(f"explore:{self.route.model}", ("per_day", "per_month"),
-                               sum(r["cost"] for r in requests), sum(r["prompt_tokens"] + r["completion_tokens"] for r in requests))
+    async def _judge(self, messages: list[dict], completions: list[Completion]):
+        if self.route.aggregator == "mv":
+            return [answer_of(c.message, self.extract) for c in completions], None
+        try:
+            return [None] * len(completions), await self.scorer.score(messages, [c.message for c in completions])
+        except Exception as exc:
+            raise TrainingFault(f"scoring failed during exploration: {exc}") from None
+
+    def _outcome_of(self, pull: LoggedPull, query: dict) -> Outcome:
+        costs = np.array(pull.costs, dtype=float)
+        if self.route.aggregator == "mv":
+            return Outcome(costs=costs, answers=pull.answers, gold=query["gold"], query=query["query_key"])
+        return Outcome(costs=costs, scores=np.array(pull.scores, dtype=float), query=query["query_key"])
+
+    # -- publishing -----------------------------------------------------------------------------
+    def _publish(self, db, engine: PSST, report: TrainingReport, publish_partial: bool) -> None:
+        route = self.route
+        old = PolicyStore(db).load()
+        for tier, (prompt_id, n) in engine.policy().items():
+            prev = old.arm_for(route.model, tier) or self.rt.start_arm(route, tier)
+            new_value, new_se = engine.estimate(tier, prompt_id, n)
+            old_value = engine.estimate(tier, prev.prompt_id, min(prev.n, route.n_max))[0] \
+                if prev.prompt_id in engine.prompt_index else float("nan")
+            ranked = list(engine.ranked(tier))
+            report.changes.append(TierChange(tier, prev, Arm(prompt_id, n), old_value, new_value, new_se, ranked))
+        complete = engine.finished and report.status != "partial"
+        if not (complete or publish_partial):
+            report.status = "unpublished"
+            return
+        entries = [PolicyEntry(route.model, c.tier, c.new, _num(c.new_value), _num(c.new_se), report.completions,
+                               tuple(c.ranked)) for c in report.changes]
+        report.version = PolicyStore(db).publish(entries, run_id=report.run_id,
+                                                 note=f"iapo train {route.model}" + ("" if complete else " (partial)"))
+        report.status = "published" if complete else "partial"
+
+
+def _pull_seed(seed: int, seq: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{seq}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def _read(path: str, query, *args, **kwargs):
+    """A read on a connection of its own (for worker threads)."""
+    db = open_database(path)
+    try:
+        return query(db, *args, **kwargs)
+    finally:
+        db.conn.close()
 
 
 def _limit(body: dict) -> int | None:
     return body.get("max_tokens") or body.get("max_completion_tokens")
 
 
+def _worst_args(body: dict) -> tuple[list[dict], int | None]:
+    return body["messages"], _limit(body)
+
+
 def _num(x: float) -> float | None:
     return None if x is None or np.isnan(x) else float(x)
 
 
-def summary(report: TrainingReport) -> str:
-    """The end-of-run table: per tier old arm → new arm and the estimated gain."""
-    lines = [f"route {report.route}: {report.status}" + (f" (version {report.version})" if report.version else "")
-             + (f": {report.message}" if report.message else "")]
-    if report.status == "dry-run":
-        for i, r in enumerate(report.rounds, 1):
-            lines.append(f"  round {i:2d}: {r['pulls']:4d} pulls, {r['completions']:6d} completions, "
-                         f"≤ ${r['worst_dollars']:.4f}")
-        lines.append(f"  total: {report.completions} completions of budget {report.budget}, ≤ ${report.dollars:.4f}"
-                     f" on {report.queries} training queries")
-        return "\n".join(lines)
-    lines.append(f"  {report.queries} training queries, {report.completions}/{report.budget} completions, "
-                 f"${report.dollars:.4f}, {report.saved_completions} completions reused from served traffic, "
-                 f"{report.wall_s:.1f} s")
-    if report.changes:
-        lines.append(f"  {'tier':8s} {'old arm':>16s} -> {'new arm':16s} {'est. gain':>10s}")
-        for c in report.changes:
-            gain = c.new_value - c.old_value if not np.isnan(c.old_value) else float("nan")
-            lines.append(f"  {c.tier:8s} {f'({c.old.prompt_id}, N={c.old.n})':>16s} -> "
-                         f"{f'({c.new.prompt_id}, N={c.new.n})':16s} {gain:+10.4f}")
-    return "\n".join(lines)
-
-
-async def train_routes(settings: Settings, route: str | None = None, **options) -> list[TrainingReport]:
+async def train_routes(settings: Settings, route: str | None = None, *, rt: Runtime | None = None,
+                       **options) -> list[TrainingReport]:
+    """Train every route (or one) and return their reports; with `rt`, on that runtime (the serving
+    one, so upstream concurrency is shared), else on a runtime of its own built from `settings`."""
     routes = [r for r in settings.routes if route is None or r.model == route]
     if route is not None and not routes:
-        raise TrainingRefused(f"no route named {route!r}")
+        raise TrainingRefused(f"no route named {route!r}; routes: {[r.model for r in settings.routes]}")
     dry_run = options.pop("dry_run", False)
     publish_partial = options.pop("publish_partial", False)
-    return [await RouteTrainer(settings, r, **options).run(dry_run=dry_run, publish_partial=publish_partial)
-            for r in routes]
-
-
-def run_training_cli(settings: Settings, args) -> int:
+    resume = options.pop("resume", True)
+    own = rt is None
+    http = httpx.AsyncClient() if own else None
+    rt = rt or Runtime.build(settings, http)
     try:
-        reports = asyncio.run(train_routes(settings, args.route, budget=args.budget, dry_run=args.dry_run,
-                                           publish_partial=args.publish_partial))
-    except TrainingRefused as exc:
-        print(f"iapo: {exc}", file=sys.stderr)
-        return 2
-    for report in reports:
-        print(summary(report))
-    ok = {"published", "dry-run"}
-    return 0 if all(r.status in ok for r in reports) else 1
+        return [await RouteTrainer(rt, r, **options).run(dry_run=dry_run, publish_partial=publish_partial,
+                                                         resume=resume)
+                for r in routes]
+    finally:
+        if own:
+            await rt.aclose()
+            await http.aclose()

@@ -21,7 +21,8 @@ class Uniform(Engine):
         super().__init__(*args, **kwargs)
 
     def _plan(self):
-        arms = [(p, n) for p in range(len(self.prompts)) for n in range(1, self.n_max + 1)]
+        p_idx, n_idx = np.nonzero(self.active.any(axis=0))  # arms feasible in some context
+        arms = [(int(p), int(n) + 1) for p, n in zip(p_idx, n_idx)]
         order = self.rng.permutation(len(arms))
         left, plan = self.budget - self.spent, []
         while True:
@@ -86,7 +87,7 @@ class UCB(Engine):
         self.t += 1
         bonus = np.where(counts > 0, self.c * np.sqrt(np.log(self.t + 1) / np.maximum(counts, 1)), np.inf)
         noise = self.rng.random(mean.shape) * 1e-9  # random order among untried arms
-        score = (mean + bonus + noise).reshape(len(self.context_names), -1)
+        score = np.where(self.active, mean + bonus + noise, -np.inf).reshape(len(self.context_names), -1)
         choice = np.unique(score.argmax(axis=1))
         left = self.budget - self.spent
         plan = []
@@ -113,8 +114,9 @@ class PromptThenN(Engine):
             return [(p, 1, per_prompt) for p in range(P)] if per_prompt else self._advance()
         if self.phase == 1:
             prompts = np.unique(self.chosen)
-            per = (self.budget - self.spent) // (len(prompts) * self.n_max)
-            return [(int(p), self.n_max, per) for p in prompts] if per else []
+            largest = np.where(self.active.any(axis=0), np.arange(1, self.n_max + 1), 0).max(axis=1)[prompts]
+            per = (self.budget - self.spent) // int(largest.sum())
+            return [(int(p), int(n), per) for p, n in zip(prompts, largest)] if per else []
         return []
 
     def _advance(self):
@@ -123,7 +125,7 @@ class PromptThenN(Engine):
         return self._plan()
 
     def _choose(self) -> None:
-        at_one = np.nan_to_num(self.estimates.mean()[:, :, 0], nan=-np.inf)
+        at_one = np.where(self.active[:, :, 0], np.nan_to_num(self.estimates.mean()[:, :, 0], nan=-np.inf), -np.inf)
         self.chosen = at_one.argmax(axis=1)
         keep = np.zeros_like(self.active)
         keep[np.arange(len(self.chosen)), self.chosen, :] = True

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from policies.arms import Context
+from policies.arms import Context, RankedArm
 from policies.estimators import ArmEstimates, encode_answers
 from policies.pooled import PooledEstimates
 
-__all__ = ["PSST", "Context", "Outcome", "TopK", "Pull"]
+__all__ = ["PSST", "Context", "Outcome", "TopK", "Pull", "RankedArm", "feasible_mask"]
 
 POOLED_PULL_SIZE = 8  # completions per pull with pooled estimates (bench/README.md: 6, 8, 12, 16 compared)
 
@@ -51,6 +51,24 @@ def first_of(order: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return mask
 
 
+def feasible_mask(feasible: Mapping[str, Mapping[str, int]] | None, contexts: Sequence[str], prompts: Sequence[str],
+                  n_max: int) -> np.ndarray:
+    """mask[c, p, n-1]: arm (p, n) may be served in context c. `feasible[c][p]` is the largest N of
+    prompt p in context c (capped at n_max); contexts or prompts not named allow every N ≤ n_max."""
+    largest = np.full((len(contexts), len(prompts)), n_max, dtype=int)
+    c_index, p_index = {c: i for i, c in enumerate(contexts)}, {p: i for i, p in enumerate(prompts)}
+    for context, per_prompt in (feasible or {}).items():
+        if context not in c_index:
+            raise ValueError(f"feasible names an unknown context {context!r}")
+        for prompt_id, n in per_prompt.items():
+            if prompt_id not in p_index:
+                raise ValueError(f"feasible[{context!r}] names an unknown prompt {prompt_id!r}")
+            if int(n) != n or n < 1:
+                raise ValueError(f"feasible[{context!r}][{prompt_id!r}] must be an integer ≥ 1, got {n!r}")
+            largest[c_index[context], p_index[prompt_id]] = min(int(n), n_max)
+    return np.arange(1, n_max + 1)[None, None, :] <= largest[:, :, None]
+
+
 class Pull(tuple):
     """A planned pull `(prompt_id, n)`; `.query` names a query slot (pulls of one round share slots,
     so prompts are compared on the same queries) or is None when the executor picks the query."""
@@ -68,7 +86,7 @@ class Engine:
 
     def __init__(self, prompts: Sequence[str], n_max: int, contexts: dict[str, Context], budget: int,
                  aggregator: str = "mv", seed: int = 0, estimator: str = "subset", permutations: int = 8,
-                 n_queries: int | None = None) -> None:
+                 n_queries: int | None = None, feasible: Mapping[str, Mapping[str, int]] | None = None) -> None:
         if aggregator not in ("mv", "bon"):
             raise ValueError("aggregator must be 'mv' or 'bon'")
         if not prompts or n_max < 1 or budget < 0 or not contexts:
@@ -94,8 +112,12 @@ class Engine:
             self.estimates = ArmEstimates(self.weights, self.cost_weights, len(self.prompts), n_max, mode=estimator,
                                           permutations=permutations, rng=self.rng)
         self._fresh = np.ones(n_queries or 0, dtype=bool)  # query slots not yet planned in this run
+        # feasible[c, p, n-1]: arm (p, n) may be served in context c (a tier's largest N per prompt)
+        self.feasible = feasible_mask(feasible, self.context_names, self.prompts, n_max)
         # active[c, p, n-1]: arm (p, n) still a candidate in context c
-        self.active = np.ones((len(self.context_names), len(self.prompts), n_max), dtype=bool)
+        self.active = self.feasible.copy()
+        self.cost_sum = np.zeros(len(self.prompts))  # observed per-completion costs, for ranked()
+        self.cost_n = np.zeros(len(self.prompts))
 
     # -- protocol ---------------------------------------------------------------------------
     def ask(self) -> list[Pull]:
@@ -141,6 +163,25 @@ class Engine:
         flat = value.reshape(len(self.context_names), -1).argmax(axis=1)
         p, n = np.unravel_index(flat, (len(self.prompts), self.n_max))
         return {c: (self.prompts[pi], int(ni) + 1) for c, pi, ni in zip(self.context_names, p, n)}
+
+    def ranked(self, context: str, per_n: int = 1) -> list[RankedArm]:
+        """The context's candidate arms, best first: the chosen arm (`policy()[context]`), then the
+        best `per_n` prompts with data at each feasible N, by estimated value (ties: smaller N)."""
+        c = self.context_names.index(context)
+        mean, se = self.estimates.mean()[c], self.estimates.stderr()[c]  # (P, n_max)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            unit = np.where(self.cost_n > 0, self.cost_sum / self.cost_n, np.nan)
+        chosen = self.policy()[context]
+        value = np.where(self.feasible[c] & np.isfinite(mean), mean, -np.inf)
+        top = np.argsort(-value, axis=0, kind="stable")[: max(1, per_n)]  # (k, n_max) prompt indices
+        n_idx = np.broadcast_to(np.arange(self.n_max), top.shape)
+        keep = np.isfinite(value[top, n_idx])
+        p_sel, n_sel = top[keep], n_idx[keep]
+        order = np.lexsort((n_sel, -value[p_sel, n_sel]))
+        arms = [(self.prompt_index[chosen[0]], chosen[1] - 1)]
+        arms += [(int(p), int(n)) for p, n in zip(p_sel[order], n_sel[order]) if (p, n) != arms[0]]
+        return [RankedArm(self.prompts[p], n + 1, float(mean[p, n]), float(se[p, n]), float((n + 1) * unit[p]))
+                for p, n in arms]
 
     def estimate(self, context: str, prompt_id: str, n: int) -> tuple[float, float]:
         """(estimated value, its standard error) of one arm in one context; NaN when unknown."""
@@ -194,6 +235,8 @@ class Engine:
 
     def _add(self, p: int, n: int, outcomes: list[Outcome]) -> None:
         costs = np.stack([np.asarray(o.costs, dtype=float) for o in outcomes])
+        self.cost_sum[p] += float(costs.sum())
+        self.cost_n[p] += costs.size
         if self.estimator == "pooled":
             keys = [o.query for o in outcomes]
             if self.aggregator == "mv":
@@ -261,17 +304,17 @@ class PSST(Engine):
 
     def _plan(self) -> list[tuple[int, int, int]]:
         if self.phase == "screen":
-            n = min(self.screening.n, self.n_max)
-            per_prompt = self.screen_budget // (n * len(self.prompts))
+            n = np.minimum(min(self.screening.n, self.n_max), self._largest())  # screen within feasible N
+            per_prompt = self.screen_budget // int(n.sum())
             if per_prompt == 0:
                 self.phase = "rounds"
                 return self._plan()
-            return [(p, n, per_prompt) for p in range(len(self.prompts))]
+            return [(p, int(n[p]), per_prompt) for p in range(len(self.prompts))]
         if self.round >= self.rounds:
             return []
-        largest = np.where(self.active.any(axis=0), np.arange(1, self.n_max + 1), 0).max(axis=1)  # N_p
+        largest = self._largest()  # N_p: the largest N of p active in some context
         if self.pull_size:  # pooled curves value every n from any pull: pull each prompt at one size
-            largest = np.where(largest > 0, min(self.pull_size, self.n_max), 0)
+            largest = np.minimum(largest, self.pull_size)
         prompts = np.flatnonzero(largest)
         M = int(largest.sum())
         remaining = self.budget - self.spent
@@ -288,8 +331,12 @@ class PSST(Engine):
             return [(int(p), 1, 1) for p in leaders]
         return [(int(p), int(n), 1) for p, n in zip(prompts, scaled)]
 
+    def _largest(self) -> np.ndarray:
+        """Per prompt the largest N active in some context (0 when none)."""
+        return np.where(self.active.any(axis=0), np.arange(1, self.n_max + 1), 0).max(axis=1)
+
     def _leaders(self, prompts: np.ndarray) -> np.ndarray:
-        value = np.nan_to_num(self.estimates.mean(), nan=-np.inf).max(axis=(0, 2))
+        value = np.where(self.active, np.nan_to_num(self.estimates.mean(), nan=-np.inf), -np.inf).max(axis=(0, 2))
         return prompts[np.argsort(-value[prompts], kind="stable")]
 
     def _end_round(self) -> None:
@@ -328,7 +375,8 @@ class PSST(Engine):
         """Keep the k prompts with the best screened estimate (best N ≤ screening scale) per context."""
         k = min(self.screening.k, len(self.prompts))
         n = min(self.screening.n, self.n_max)
-        screened = np.nan_to_num(self.estimates.mean()[:, :, :n], nan=-np.inf).max(axis=2)  # (C, P)
+        screened = np.where(self.active[:, :, :n], np.nan_to_num(self.estimates.mean()[:, :, :n], nan=-np.inf),
+                            -np.inf).max(axis=2)  # (C, P)
         order = np.argsort(-screened, axis=1, kind="stable")
         self.active &= first_of(order, np.full(len(order), k))[:, :, None]
 

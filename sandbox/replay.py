@@ -127,7 +127,9 @@ def create_replay_app(envs: dict[str, MVEnvironment | BoNEnvironment], seed: int
         query = _index(QUERY_RE, messages, {"user"}, env.n_queries)
         if query is None:
             query = zlib.crc32(json.dumps(messages).encode()) % env.n_queries
-        draws = env.sample(prompt, query, n, rng)
+        seed = body.get("seed")  # like a provider honouring `seed`: the same request draws the same answers
+        draws = env.sample(prompt, query, n, np.random.default_rng([int(seed) & 0x7FFFFFFF, prompt, query])
+                           if isinstance(seed, int) else rng)
         if isinstance(env, MVEnvironment):
             texts = [f"Working through problem {query} under prompt {prompt}. Final answer: \\boxed{{{int(c)}}}"
                      for c in draws]

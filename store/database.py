@@ -121,8 +121,27 @@ def _v4_feedback_per_target(db: sqlite_utils.Database) -> None:
     db.rename_table("feedback_v4", "feedback")
 
 
+def _v5_training_runs_and_ranked_arms(db: sqlite_utils.Database) -> None:
+    """training_runs (a run's identity, settings and queries, so a killed run can resume under its id);
+    requests.run_pull (an exploration pull's position in its run); policy_arms (each published
+    (route, tier)'s arms ranked by estimated value, with their cost)."""
+    db["training_runs"].create(
+        {"run_id": str, "route": str, "status": str, "started": float, "finished": float, "fingerprint": str,
+         "budget": int, "spent": int, "dollars": float, "queries": str, "report": str},
+        pk="run_id", if_not_exists=True)
+    db["training_runs"].create_index(["route", "started"], if_not_exists=True)
+    if "run_pull" not in db["requests"].columns_dict:
+        db["requests"].add_column("run_pull", int)
+    db["requests"].create_index(["run_id", "run_pull"], if_not_exists=True)
+    db["policy_arms"].create(
+        {"version": int, "route": str, "tier": str, "rank": int, "prompt_id": str, "n": int, "value": float,
+         "value_se": float, "cost": float},
+        pk=("version", "route", "tier", "rank"), if_not_exists=True)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_base_schema, _v2_request_columns, _v3_reservations, _v4_feedback_per_target,
+    _v5_training_runs_and_ranked_arms,
 ]
 LATEST_VERSION = len(MIGRATIONS)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
-from policies.arms import Arm, Policy
+from policies.arms import Arm, Policy, RankedArm
 from store.database import write_transaction
 
 
@@ -20,6 +20,7 @@ class PolicyEntry:
     value: float | None = None
     value_se: float | None = None
     budget_spent: int | None = None
+    ranked: tuple[RankedArm, ...] = ()
 
 
 class PolicyStore:
@@ -40,14 +41,24 @@ class PolicyStore:
         rows = self.db.execute(
             "select route, tier, prompt_id, n from policies where version = ?", [version]
         ).fetchall()
-        return Policy(version=version, arms={(r, t): Arm(p, int(n)) for r, t, p, n in rows})
+        return Policy(version=version, arms={(r, t): Arm(p, int(n)) for r, t, p, n in rows},
+                      ranked=self._ranked(version))
+
+    def _ranked(self, version: int) -> dict[tuple[str, str], tuple[RankedArm, ...]]:
+        ranked: dict[tuple[str, str], list[RankedArm]] = {}
+        for r, t, p, n, v, se, c in self.db.execute(
+                "select route, tier, prompt_id, n, value, value_se, cost from policy_arms where version = ?"
+                " order by route, tier, rank", [version]).fetchall():
+            ranked.setdefault((r, t), []).append(RankedArm(p, int(n), _f(v), _f(se), _f(c)))
+        return {k: tuple(v) for k, v in ranked.items()}
 
     def entries(self, version: int) -> list[PolicyEntry]:
         rows = self.db.execute(
             "select route, tier, prompt_id, n, value, value_se, budget_spent from policies"
             " where version = ? order by route, tier", [version]
         ).fetchall()
-        return [PolicyEntry(r, t, Arm(p, int(n)), v, se, b) for r, t, p, n, v, se, b in rows]
+        ranked = self._ranked(version)
+        return [PolicyEntry(r, t, Arm(p, int(n)), v, se, b, ranked.get((r, t), ())) for r, t, p, n, v, se, b in rows]
 
     def versions(self) -> list[dict]:
         return list(self.db.query("select * from policy_versions order by version"))
@@ -70,10 +81,31 @@ class PolicyStore:
                 }
                 for e in merged.values()
             )
+            self.db["policy_arms"].insert_all(
+                {"version": version, "route": e.route, "tier": e.tier, "rank": i, "prompt_id": a.prompt_id, "n": a.n,
+                 "value": _none(a.value), "value_se": _none(a.value_se), "cost": _none(a.cost)}
+                for e in merged.values() for i, a in enumerate(e.ranked)
+            )
         return version
 
     def rollback(self, to_version: int) -> int:
         """Publish a copy of an older version as the newest one (history stays append-only)."""
-        if to_version != 0 and not self.entries(to_version):
-            raise KeyError(f"policy version {to_version} does not exist")
+        if to_version < 0 or (to_version != 0 and not self.entries(to_version)):
+            raise PolicyVersionMissing(f"policy version {to_version} does not exist "
+                                       f"(the newest is {self.latest_version()})")
         return self.publish([], note=f"rollback to {to_version}", base_version=to_version)
+
+
+class PolicyVersionMissing(KeyError):
+    """A version that was never published."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _f(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def _none(x: float) -> float | None:
+    return None if x is None or x != x else float(x)

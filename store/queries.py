@@ -40,18 +40,21 @@ def training_queries(db: sqlite_utils.Database, route: str, *, since: float, lim
     return [{"query_key": r["query_key"], "messages": json.loads(r["messages"]), "gold": r["gold"]} for r in rows]
 
 
-def served_pulls(db: sqlite_utils.Database, route: str, *, since: float) -> list[dict]:
-    """Requests served on a route: (query_key, prompt_id, n) with their completions' answers and costs."""
+def served_pulls(db: sqlite_utils.Database, route: str, *, since: float, until: float | None = None) -> list[dict]:
+    """Requests served on a route in [since, until): (query_key, prompt_id, n) with their completions'
+    answers and costs, in a stable order (a resumed training run must be offered exactly the same)."""
+    until = float("inf") if until is None else until
     requests = list(db.query(
-        "select id, query_key, prompt_id, prompt_version, n from requests where route = ? and kind = 'serve' and status = 200"
-        " and created >= ? and failed = 0", [route, since]))
+        "select id, query_key, prompt_id, prompt_version, n from requests where route = ? and kind = 'serve'"
+        " and status = 200 and created >= ? and created < ? and failed = 0 order by created, id",
+        [route, since, until]))
     if not requests:
         return []
     by_id = {r["id"]: {**r, "answers": [], "costs": [], "scores": []} for r in requests}
     for c in db.query(
         "select c.request_id, c.answer, c.cost, c.scores from completions c join requests r on r.id = c.request_id"
-        " where r.route = ? and r.kind = 'serve' and r.status = 200 and r.created >= ? and r.failed = 0"
-        " order by c.request_id, c.idx", [route, since]):
+        " where r.route = ? and r.kind = 'serve' and r.status = 200 and r.created >= ? and r.created < ?"
+        " and r.failed = 0 order by c.request_id, c.idx", [route, since, until]):
         entry = by_id.get(c["request_id"])
         if entry is None:  # written after the first read
             continue

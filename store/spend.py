@@ -84,26 +84,52 @@ class SpendLedger:
         or the largest n that fits when `allow_fewer`; raises BudgetExhausted naming the first cap
         with no room, StoreUnavailable when SQLite fails, ValueError for a reservation id already used."""
         now = time.time() if now is None else now
-        expires_at = now + DEFAULT_TTL_S if expires_at is None else expires_at
-        reservation_id = reservation_id or uuid.uuid4().hex
         need = 1 if allow_fewer else n
         with self._transaction():
-            if self._known(reservation_id):
-                raise ValueError(f"reservation id {reservation_id!r} was already used")
-            bounds = [(cap, *window_bounds(cap.window, now)) for cap in caps]
-            used = [self._used(cap.scope, cap.window, start, now) for cap, start, _ in bounds]
-            room = [(None if cap.dollars is None else cap.dollars - d, None if cap.tokens is None else cap.tokens - t)
-                    for (cap, _, _), (d, t) in zip(bounds, used)]
+            bounds, used, room = self._room(caps, now, reservation_id)
             granted = affordable_n(n, per_completion_dollars=per_completion_dollars,
                                    per_completion_tokens=per_completion_tokens, room=room)
             if granted < need:
                 raise self._exhausted(bounds, room, used, need, per_completion_dollars, per_completion_tokens)
-            dollars, tokens = granted * per_completion_dollars, granted * per_completion_tokens
-            rows = list(dict.fromkeys((cap.scope, cap.window, start) for cap, start, _ in bounds))
-            self.db["reservations"].insert_all(
-                {"id": reservation_id, "scope": scope, "window": window, "window_start": start, "dollars": dollars,
-                 "tokens": tokens, "owner": owner, "expires": expires_at} for scope, window, start in rows)
-        return Reservation(rows, granted, dollars, tokens, reservation_id, owner, expires_at)
+            return self._book(bounds, granted, per_completion_dollars, per_completion_tokens, owner, expires_at,
+                              reservation_id, now)
+
+    def _room(self, caps: list[Cap], now: float, reservation_id: str | None):
+        """Inside the write transaction: each cap's window bounds, what is used, and what room is left."""
+        if reservation_id is not None and self._known(reservation_id):
+            raise ValueError(f"reservation id {reservation_id!r} was already used")
+        bounds = [(cap, *window_bounds(cap.window, now)) for cap in caps]
+        used = [self._used(cap.scope, cap.window, start, now) for cap, start, _ in bounds]
+        room = [(None if cap.dollars is None else cap.dollars - d, None if cap.tokens is None else cap.tokens - t)
+                for (cap, _, _), (d, t) in zip(bounds, used)]
+        return bounds, used, room
+
+    def _book(self, bounds, n: int, per_dollars: float, per_tokens: int, owner: str, expires_at: float | None,
+              reservation_id: str | None, now: float) -> Reservation:
+        """Inside the write transaction: insert the reservation's rows, one per cap window."""
+        expires_at = now + DEFAULT_TTL_S if expires_at is None else expires_at
+        reservation_id = reservation_id or uuid.uuid4().hex
+        dollars, tokens = n * per_dollars, n * per_tokens
+        rows = list(dict.fromkeys((cap.scope, cap.window, start) for cap, start, _ in bounds))
+        self.db["reservations"].insert_all(
+            {"id": reservation_id, "scope": scope, "window": window, "window_start": start, "dollars": dollars,
+             "tokens": tokens, "owner": owner, "expires": expires_at} for scope, window, start in rows)
+        return Reservation(rows, n, dollars, tokens, reservation_id, owner, expires_at)
+
+    def reserve_first(self, caps: list[Cap], options: list[tuple[int, float, int]], *, owner: str = "",
+                      expires_at: float | None = None, reservation_id: str | None = None,
+                      now: float | None = None) -> tuple[int, Reservation]:
+        """Book the first of `options` (n, per-completion dollars, per-completion tokens) whose whole worst
+        case fits every cap, in one transaction; returns its index and reservation. BudgetExhausted
+        (naming the first option's cap) when none fits."""
+        now = time.time() if now is None else now
+        with self._transaction():
+            bounds, used, room = self._room(caps, now, reservation_id)
+            for index, (n, per_dollars, per_tokens) in enumerate(options):
+                if affordable_n(n, per_completion_dollars=per_dollars, per_completion_tokens=per_tokens, room=room) >= n:
+                    return index, self._book(bounds, n, per_dollars, per_tokens, owner, expires_at, reservation_id, now)
+            n, per_dollars, per_tokens = options[0]
+            raise self._exhausted(bounds, room, used, n, per_dollars, per_tokens)
 
     @staticmethod
     def _exhausted(bounds, room, used, need: int, per_dollars: float, per_tokens: int) -> BudgetExhausted:

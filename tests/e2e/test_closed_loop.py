@@ -14,7 +14,8 @@ from gateway.cli import main as iapo
 from gateway.config import hash_key
 from sandbox.demo import replay_route, replay_upstream
 from sandbox.replay import problem_text
-from gateway.trainer import summary, train_routes
+from gateway.cli_store import summary
+from gateway.trainer import train_routes
 from store.database import open_database
 from store.policy_store import PolicyStore
 from store.training_lock import TrainingLock
