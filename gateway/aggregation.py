@@ -9,6 +9,7 @@ import numpy as np
 
 from gateway.config import Route, Tier
 from gateway.runtime import Runtime
+from gateway.scorers import ScoringSpend
 from gateway.upstream import Completion
 from policies.aggregate import answer_of, best_of_n, majority_vote
 
@@ -25,6 +26,7 @@ class Choice:
     info: dict = field(default_factory=dict)
     quality: dict[str, float] = field(default_factory=dict)
     scoring_failed: bool = False
+    scoring: ScoringSpend = field(default_factory=ScoringSpend)  # what judge calls cost
 
 
 async def choose(rt: Runtime, route: Route, tier: Tier, messages: list[dict], completions: list[Completion],
@@ -40,13 +42,15 @@ async def choose(rt: Runtime, route: Route, tier: Tier, messages: list[dict], co
         info = {"answer": vote.answer, "tie_size": vote.tie_size, "vote_share": share}
         return Choice(chosen, answers, None, info, {"vote_share": share})
     scorer = rt.scorers[route.model]
+    spend = ScoringSpend()
     try:
-        ok_scores = await scorer.score(messages, [completions[i].message for i in ok])
+        ok_scores = await scorer.score(messages, [completions[i].message for i in ok], spend)
     except Exception as exc:
         log.warning("scoring failed on route %s: %s", route.model, exc)
-        return Choice(ok[0], [None] * n, None, {"scoring_error": str(exc)[:200]}, {}, scoring_failed=True)
+        return Choice(ok[0], [None] * n, None, {"scoring_error": str(exc)[:200]}, {}, scoring_failed=True,
+                      scoring=spend)
     scores = np.full((n, len(scorer.names)), np.nan)
     scores[ok] = ok_scores
     chosen = ok[best_of_n(ok_scores, rt.weights(route, tier), rng)]
     quality = {name: float(scores[chosen, k]) for k, name in enumerate(scorer.names)}
-    return Choice(chosen, [None] * n, scores, {}, quality)
+    return Choice(chosen, [None] * n, scores, {}, quality, scoring=spend)

@@ -1,6 +1,7 @@
 """The Starlette app: OpenAI-compatible endpoints over the pipeline; domain errors become responses here."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -85,8 +86,9 @@ def create_app(settings: Settings, config_path: str | None = None) -> Starlette:
 
     async def metrics(request: Request) -> Response:
         if service.writer:
-            service._observe_store()
-        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+            service.observe_store()
+        # spend gauges read the ledger: off the event loop, so a slow store never stalls serving
+        return Response(await asyncio.to_thread(service.metrics.render), media_type=CONTENT_TYPE_LATEST)
 
     async def feedback(request: Request) -> Response:
         try:
@@ -122,10 +124,15 @@ def create_app(settings: Settings, config_path: str | None = None) -> Starlette:
             Route("/v1/chat/completions", api("chat"), methods=["POST"]),
             Route("/chat/completions", api("chat"), methods=["POST"]),
             Route("/v1/completions", api("completions"), methods=["POST"]),
+            Route("/completions", api("completions"), methods=["POST"]),
             Route("/v1/embeddings", api("embeddings"), methods=["POST"]),
+            Route("/embeddings", api("embeddings"), methods=["POST"]),
             Route("/v1/responses", api("responses"), methods=["POST"]),
+            Route("/responses", api("responses"), methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/models", models, methods=["GET"]),
             Route("/v1/models/{model:path}", model, methods=["GET"]),
+            Route("/models/{model:path}", model, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/v1/feedback", feedback, methods=["POST"]),
@@ -133,6 +140,7 @@ def create_app(settings: Settings, config_path: str | None = None) -> Starlette:
         exception_handlers={HTTPException: unknown_path, Exception: unexpected},
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # a redirect built from the Host header helps nobody here
     app.state.gateway = service
     limits = lambda: service.settings.limits  # noqa: E731  (read per request: a reload applies at once)
     return BodyLimit(HeaderLimit(app, lambda: limits().max_header_bytes),

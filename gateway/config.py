@@ -262,6 +262,9 @@ class Limits(Strict):
     max_header_bytes: int = 32_768
     max_messages: int = 256
     max_tokens: int = 32_768
+    # a request that sets no token limit, on a tier with caps or a cost cap, is sent with this one (so its
+    # reservation is a real bound); the field added is named in x-iapo-limited
+    default_max_tokens: int = Field(4096, ge=1)
     max_json_depth: int = Field(64, ge=4)
     stream_keepalive_seconds: float = Field(10.0, gt=0)  # SSE comments while N > 1 completions are drawn
     header_timeout: float = Field(10.0, gt=0)  # request line and headers must arrive within this
@@ -343,8 +346,12 @@ class Settings(BaseSettings):
         for name, up in self.upstreams.items():
             if up.fallback is not None and up.fallback not in self.upstreams:
                 raise ValueError(f"upstreams.{name}.fallback {up.fallback!r} is not an upstream")
-            if up.fallback == name:
-                raise ValueError(f"upstreams.{name}.fallback names itself")
+            chain, current = [name], up.fallback
+            while current is not None:
+                if current in chain:
+                    raise ValueError(f"upstreams.{name}.fallback forms a cycle: {' -> '.join(chain + [current])}")
+                chain.append(current)
+                current = self.upstreams[current].fallback
         return self
 
     def tier(self, name: str) -> Tier:

@@ -28,6 +28,7 @@ from gateway.runtime import Runtime
 from gateway.streams import MessageBuilder, Relay, is_usage_only, tokens_of
 from gateway.transports import UpstreamError
 from gateway.upstream import Completion, Draw, UpstreamClient
+from gateway.worst_case import INJECTED_LIMIT_FIELD, Bound, bound, token_limit
 from policies.arms import Arm
 from policies.budget import clamp_n
 from store.errors import StoreUnavailable
@@ -63,6 +64,9 @@ class Plan:
     route: object | None = None
     arm: Arm | None = None
     overridden: list[str] = field(default_factory=list)
+    limited: str | None = None  # the token-limit field the gateway added (a bounded tier, no limit sent)
+    bound: Bound | None = None  # tokens of one completion at most
+    completion_worst: float = 0.0  # dollars of one completion at most (worst_dollars adds its scoring)
 
 
 @dataclass
@@ -76,6 +80,7 @@ class Ticket:
     reservation: Reservation | None = None
     upstream_s: float = 0.0
     counted: bool = False
+    rt: Runtime | None = None
     degraded: bool = False  # a cap had no room for the planned arm: a cheaper one is served
 
     @property
@@ -96,7 +101,7 @@ class Pipeline:
         prefix = {"chat": "chatcmpl", "completions": "cmpl", "embeddings": "emb", "responses": "resp"}[endpoint]
         ticket = Ticket(RequestRecord(id=f"{prefix}-{uuid.uuid4().hex}", created=time.time(), kind="proxy",
                                       endpoint=endpoint), time.perf_counter())
-        svc.metrics.in_flight.inc()
+        self._begin(ticket, rt)
         handed_off = False
         try:
             ticket.caller = svc.access.resolve(authorization, rt)
@@ -118,11 +123,24 @@ class Pipeline:
             raise
         except Exception:
             log.exception("unexpected error serving %s request %s", endpoint, ticket.record.id)
+            if ticket.reservation is not None:  # the upstream may have been paid: book the worst case
+                await self.service.settle(ticket.reservation, ticket.reservation.dollars, ticket.reservation.tokens)
+                ticket.reservation = None
             self._count(ticket, 500)
             raise internal_error() from None
         finally:
             if not handed_off:
-                svc.metrics.in_flight.dec()
+                self._end(ticket)
+
+    def _begin(self, ticket: Ticket, rt: Runtime) -> None:
+        """A request starts: it holds its runtime (a reload closes that runtime only after it ends)."""
+        ticket.rt = rt
+        rt.users += 1
+        self.service.metrics.in_flight.inc()
+
+    def _end(self, ticket: Ticket) -> None:
+        ticket.rt.users -= 1
+        self.service.metrics.in_flight.dec()
 
     # -- plan -----------------------------------------------------------------------------------
     def plan(self, rt: Runtime, call: ApiCall, caller: Caller, target: Target) -> Plan:
@@ -137,26 +155,29 @@ class Pipeline:
             return self._route_plan(rt, call, tier, target, route, self.service.arm_for(route, tier, rt))
         upstream = rt.upstreams[target.name]
         body = {**call.body, "model": upstream.config.wire_model}
-        n = call.n
+        limited = _limit_if_bounded(call.endpoint, body, tier, rt)
+        b = bound(call.endpoint, body, rt.settings.limits.default_max_tokens)
+        n = b.completions
         if tier.max_n is not None and n > tier.max_n:
-            raise invalid(f"'n' is {n}; your tier `{tier.name}` allows at most {tier.max_n}.", param="n",
-                          code="n_above_tier_limit")
-        payload = {k: v for k, v in call.body.items() if k in ("messages", "prompt", "input", "instructions", "tools")}
-        worst, tokens = upstream.worst_case(payload, _token_limit(body), completes=call.endpoint != "embeddings")
+            raise invalid(f"This request asks for {n} completions; your tier `{tier.name}` allows at most "
+                          f"{tier.max_n}.", param="n", code="n_above_tier_limit")
+        worst, tokens = upstream.worst_case(b)
         if tier.max_cost_per_request is not None and worst * n > tier.max_cost_per_request + 1e-12:
-            raise invalid(f"This request could cost up to ${worst * n:.4f} (n={n}, its token limit at "
-                          f"`{target.name}`'s price), more than your tier's max_cost_per_request of "
-                          f"${tier.max_cost_per_request}. Lower max_tokens or n.", code="request_cost_above_limit")
-        return Plan(target, upstream, body, n, worst, tokens)
+            raise invalid(f"This request could cost up to ${worst * n:.4f} ({n} completion(s) of its prompt and "
+                          f"token limit at `{target.name}`'s price), more than your tier's max_cost_per_request "
+                          f"of ${tier.max_cost_per_request}. Lower the token limit or n.",
+                          code="request_cost_above_limit")
+        return Plan(target, upstream, body, n, worst, tokens, limited=limited, bound=b, completion_worst=worst)
 
     def _route_plan(self, rt: Runtime, call: ApiCall, tier, target: Target, route, arm: Arm) -> Plan:
         upstream = rt.upstreams[route.upstream]
         body, overridden = apply_arm(route, arm.prompt_id, call.body, OWNED_ON_ROUTES)
         body["model"] = upstream.config.wire_model
-        worst, tokens = upstream.worst_case(body["messages"], _token_limit(body))
+        limited = _limit_if_bounded("chat", body, tier, rt)
+        worst, completion_worst, tokens, b = rt.route_worst_case(route, body)
         n = clamp_n(arm.n, route_n_max=route.n_max, tier_max_n=tier.max_n,
                     max_cost_per_request=tier.max_cost_per_request, worst_cost_per_completion=worst)
-        return Plan(target, upstream, body, n, worst, tokens, route, arm, overridden)
+        return Plan(target, upstream, body, n, worst, tokens, route, arm, overridden, limited, b, completion_worst)
 
     def _fallbacks(self, rt: Runtime, call: ApiCall, ticket: Ticket) -> list[Plan]:
         """`degrade` on a route with a published ranking: the tier's ranked arms, best first, each as it
@@ -220,39 +241,53 @@ class Pipeline:
             record.policy_version = self.service.policy.version
 
     # -- routes ---------------------------------------------------------------------------------
-    async def _serve_route(self, rt: Runtime, call: ApiCall, ticket: Ticket) -> Outcome:
-        """Draw N, choose one, settle, log and count; the `chat.completion` body."""
+    async def _serve_route(self, rt: Runtime, call: ApiCall, ticket: Ticket, relay: Relay | None = None) -> Outcome:
+        """Draw N, choose one, settle (completions and judge calls), log and count; the `chat.completion`."""
         plan, record = ticket.plan, ticket.record
-        draw = Draw([])
+        draw, choice = Draw([]), None
         try:
             draw = await plan.upstream.draw(plan.body, plan.n)
+            completions = self._price_unknown(draw.completions, plan)
+            ticket.upstream_s = max((c.latency_s for c in completions), default=0.0)
+            record.upstream_id = ",".join(draw.upstream_ids)[:500] or None
+            ok = [c for c in completions if not c.error]
+            if not ok:
+                err = self._all_failed(completions, plan.n)
+                await self._settle(ticket, completions)
+                await self._finish(ticket, err.status, completions, error=err.message)
+                raise err
+            choice = await choose(rt, plan.route, ticket.caller.tier, plan.body["messages"], completions,
+                                  self.service.rng)
         finally:
-            await self._settle(ticket, draw.completions)
-        completions = draw.completions
-        ticket.upstream_s = max((c.latency_s for c in completions), default=0.0)
-        record.upstream_id = ",".join(draw.upstream_ids)[:500] or None
-        ok = [c for c in completions if not c.error]
-        if not ok:
-            err = self._all_failed(completions, plan.n)
-            await self._finish(ticket, err.status, completions, error=err.message)
-            raise err
-        choice = await choose(rt, plan.route, ticket.caller.tier, plan.body["messages"], completions, self.service.rng)
+            await self._settle(ticket, draw.completions, choice)
         record.chosen_index, record.chosen_answer = choice.index, choice.info.get("answer")
         record.tie_size, record.vote_share = choice.info.get("tie_size"), choice.info.get("vote_share")
         usage = usage_of(completions, draw.usage_details)
         iapo = {"route": plan.route.model, "tier": ticket.caller.tier.name, "prompt_id": plan.arm.prompt_id,
                 "n": plan.n, "aggregator": plan.route.aggregator, "policy_version": record.policy_version,
-                "failed": len(completions) - len(ok), "cost": float(sum(c.cost for c in completions)),
+                "failed": len(completions) - len(ok),
+                "cost": float(sum(c.cost for c in completions)) + choice.scoring.dollars,
                 "scores": choice.quality, **choice.info}
+        extra = {"iapo": iapo, **({"service_tier": draw.service_tier} if draw.service_tier else {})}
         body = chat_completion(request_id=record.id, created=int(record.created), model=plan.route.model,
                                completion=completions[choice.index], usage=usage,
-                               system_fingerprint=draw.system_fingerprint, extra={"iapo": iapo})
-        logged = await self._finish(ticket, 200, completions, choice=choice)
+                               system_fingerprint=draw.system_fingerprint, extra=extra)
+        status = 499 if relay is not None and relay.client_gone else 200
+        logged = await self._finish(ticket, status, completions, choice=choice)
         return Outcome(200, body, self._headers(ticket, logged))
+
+    def _price_unknown(self, completions: list[Completion], plan: Plan) -> list[Completion]:
+        """Completions the provider may have billed without saying how much (no usage, or a timeout after
+        the request was sent) are booked at their worst case: a cap must never trust silence."""
+        for c in completions:
+            if c.unpriced or c.error_kind == "timeout":
+                c.cost, c.prompt_tokens, c.completion_tokens = (plan.completion_worst, plan.bound.prompt_tokens,
+                                                                plan.bound.completion_tokens)
+        return completions
 
     def _all_failed(self, completions: list[Completion], n: int) -> GatewayError:
         kinds = sorted({c.error_kind or "other" for c in completions})
-        if kinds == ["bad_request"]:  # the upstream refused the request itself: the caller's to fix
+        if kinds == ["bad_request"]:  # the upstream refused the request itself (e.g. too long): the caller's to fix
             return GatewayError(400, f"The upstream model rejected the request: {completions[0].error}",
                                 code="upstream_rejected")
         return upstream_failed(f"The upstream model failed for all {n} completions ({', '.join(kinds)}).")
@@ -264,12 +299,16 @@ class Pipeline:
         try:
             reply, ticket.upstream_s = await plan.upstream.call(call.endpoint, plan.body)
         except UpstreamError as err:
-            await self._settle(ticket, [])
+            sent = [Completion(None, error=str(err), error_kind=err.kind)] if err.kind == "timeout" else []
+            sent = self._price_unknown(sent, plan)
+            await self._settle(ticket, sent)
             mapped = _mapped(err)
-            await self._finish(ticket, mapped.status, [], error=str(err))
+            await self._finish(ticket, mapped.status, sent, error=str(err))
             raise mapped from None
-        tokens = tokens_of(call.endpoint, reply.body)
-        completions = _forwarded(call.endpoint, reply.body, plan.upstream, tokens, ticket.upstream_s)
+        served_by = plan.upstream.served_by(reply)
+        completions = _forwarded(call.endpoint, reply.body, served_by, tokens_of(call.endpoint, reply.body),
+                                 ticket.upstream_s)
+        completions = self._price_unknown(completions, plan)
         ticket.record.upstream_id = reply.body.get("id") if isinstance(reply.body.get("id"), str) else None
         await self._settle(ticket, completions)
         logged = await self._finish(ticket, 200, completions)
@@ -294,7 +333,7 @@ class Pipeline:
     async def _stream_chosen(self, rt: Runtime, call: ApiCall, ticket: Ticket, relay: Relay) -> None:
         """N > 1: draw and choose (keep-alives meanwhile), then the chosen completion as chunks."""
         try:
-            outcome = await self._serve_route(rt, call, ticket)
+            outcome = await self._serve_route(rt, call, ticket, relay)
             for chunk in chat_chunks(outcome.body, include_usage=call.include_usage):
                 relay.put(chunk)
         except GatewayError as err:
@@ -305,7 +344,7 @@ class Pipeline:
             self._count(ticket, 500)
         finally:
             relay.close()
-            self.service.metrics.in_flight.dec()
+            self._end(ticket)
 
     async def _relay_upstream(self, call: ApiCall, ticket: Ticket, relay: Relay) -> None:
         """Passthrough, or a route at N = 1: the provider's events as they arrive, usage from its last one."""
@@ -350,7 +389,8 @@ class Pipeline:
             relay.close()
             ticket.upstream_s = time.monotonic() - start
             try:
-                completions = self._streamed(call.endpoint, builder, texts, tokens, plan, ticket, status)
+                completions = self._streamed(call.endpoint, builder, texts, tokens, plan, ticket, status,
+                                             relay.opened.done() and relay.opened.exception() is None)
                 await self._settle(ticket, completions)
                 if relay.client_gone and status == 200:
                     status = 499  # the client closed the connection before the end (nginx's code)
@@ -361,7 +401,7 @@ class Pipeline:
                     record.chosen_index, record.chosen_answer = 0, choice.info.get("answer")
                 await self._finish(ticket, status, completions, choice=choice, error=record.error)
             finally:
-                self.service.metrics.in_flight.dec()
+                self._end(ticket)
 
     def _routed_chunk(self, data: dict, ticket: Ticket) -> dict:
         """A provider chunk as the route's: our id and model name; the `iapo` object on the finishing chunk."""
@@ -373,29 +413,34 @@ class Pipeline:
         return chunk
 
     def _streamed(self, endpoint: str, builder: MessageBuilder, texts: list[str], tokens, plan: Plan,
-                  ticket: Ticket, status: int) -> list[Completion]:
-        """The completion a stream formed, priced from its usage (the reserved worst case if it sent none)."""
-        if tokens is None and status == 200:  # the provider sent no usage: book the reserved worst case
-            log.warning("upstream %s streamed no usage; booking the worst case", plan.upstream.name)
-            prompt, completion, cost = plan.worst_tokens, 0, plan.worst_dollars
-        else:
-            prompt, completion = tokens or (0, 0)
-            cost = plan.upstream.price(prompt, completion)
+                  ticket: Ticket, status: int, started: bool) -> list[Completion]:
+        """The completion a stream formed, priced from its usage; a stream that started and ended without
+        usage (the provider sent none, or it broke) is booked at its worst case."""
+        prompt, completion = tokens or (0, 0)
+        served_by = plan.upstream
         if endpoint == "chat":
             message = builder.message()
             ticket.record.upstream_id = builder.upstream_id
-            return [Completion(message, builder.finish_reason, None, prompt, completion, cost, ticket.upstream_s,
-                               error=ticket.record.error if status not in (200, 499) else None)]
-        return [Completion({"role": "assistant", "content": "".join(texts)}, None, None, prompt, completion, cost,
-                           ticket.upstream_s)]
+            done = Completion(message, builder.finish_reason, None, prompt, completion, served_by.price(prompt, completion),
+                              ticket.upstream_s, error=ticket.record.error if status not in (200, 499) else None)
+        else:
+            done = Completion({"role": "assistant", "content": "".join(texts)}, None, None, prompt, completion,
+                              served_by.price(prompt, completion), ticket.upstream_s)
+        if tokens is None and not started:
+            return []  # refused before the first event: nothing was generated
+        if tokens is None:
+            log.warning("a stream from upstream %s ended without usage; booking its worst case", plan.upstream.name)
+            done.unpriced = True
+        return self._price_unknown([done], plan)
 
     # -- settle, log, count ---------------------------------------------------------------------
-    async def _settle(self, ticket: Ticket, completions: list[Completion]) -> None:
+    async def _settle(self, ticket: Ticket, completions: list[Completion], choice: Choice | None = None) -> None:
+        """Book what the request really cost (completions and judge calls) and release its reservation."""
         if ticket.reservation is None:
             return
         reservation, ticket.reservation = ticket.reservation, None
-        dollars = float(sum(c.cost for c in completions))
-        tokens = sum(c.prompt_tokens + c.completion_tokens for c in completions)
+        dollars = float(sum(c.cost for c in completions)) + (choice.scoring.dollars if choice else 0.0)
+        tokens = sum(c.prompt_tokens + c.completion_tokens for c in completions) + (choice.scoring.tokens if choice else 0)
         await self.service.settle(reservation, dollars, tokens)
 
     async def _finish(self, ticket: Ticket, status: int, completions: list[Completion], *,
@@ -406,6 +451,8 @@ class Pipeline:
         record.latency_s = time.perf_counter() - ticket.started
         record.upstream_latency_s = ticket.upstream_s
         record.add_usage(completions)
+        if choice is not None:
+            record.cost += choice.scoring.dollars
         logged = await self.service.log(request_log(record, completions, choice.answers if choice else None,
                                                     choice.scores if choice else None))
         self._count(ticket, status, completions, choice)
@@ -423,6 +470,7 @@ class Pipeline:
         prompt = ticket.plan.arm.prompt_id if ticket.plan is not None and ticket.plan.arm else "-"
         n = str(ticket.plan.n) if ticket.plan is not None else "-"
         m.requests.labels(route, tier, prompt, n, str(status), record.endpoint).inc()
+        m.latency.labels(route, tier).observe(record.latency_s or (time.perf_counter() - ticket.started))
         if ticket.plan is not None:
             m.upstream_latency.labels(ticket.plan.upstream.name).observe(ticket.upstream_s)
         if not completions:
@@ -434,7 +482,6 @@ class Pipeline:
         m.tokens.labels(route, tier, "prompt").inc(record.prompt_tokens)
         m.tokens.labels(route, tier, "completion").inc(record.completion_tokens)
         m.cost.labels(route, tier, "serve").inc(record.cost)
-        m.latency.labels(route, tier).observe(record.latency_s or 0.0)
         if choice is not None and status in (200, 499):
             for name, value in choice.quality.items():
                 m.quality.labels(route, tier, name).observe(value)
@@ -455,6 +502,8 @@ class Pipeline:
                 headers["x-iapo-overridden"] = ",".join(plan.overridden)
             if ticket.degraded:
                 headers["x-iapo-degraded"] = "budget"
+        if plan.limited:
+            headers["x-iapo-limited"] = f"{plan.limited}={plan.body[plan.limited]}"
         if logged is False:
             headers["x-iapo-logged"] = "pending"  # the store is failing: the rows wait in memory, not on disk
         overhead = max(0.0, (time.perf_counter() - ticket.started - ticket.upstream_s) * 1000)
@@ -462,15 +511,25 @@ class Pipeline:
         return headers
 
 
-def _token_limit(body: dict) -> int | None:
-    limits = [body.get(k) for k in ("max_tokens", "max_completion_tokens", "max_output_tokens") if body.get(k)]
-    return min(limits) if limits else None
+def _limit_if_bounded(endpoint: str, body: dict, tier, rt: Runtime) -> str | None:
+    """On a tier with caps or a cost cap, a request that sets no token limit gets the default one, so
+    what is reserved is a real bound; returns the field added."""
+    bounded = tier.caps or tier.key_caps or tier.max_cost_per_request is not None
+    if not bounded or endpoint == "embeddings" or token_limit(endpoint, body) is not None:
+        return None
+    field_name = INJECTED_LIMIT_FIELD[endpoint]
+    body[field_name] = rt.settings.limits.default_max_tokens
+    return field_name
 
 
 def _mapped(err: UpstreamError) -> GatewayError:
-    """A provider's failure as the caller sees it: its own 4xx as it is; rate limits as 429; the rest 502."""
-    if err.kind == "bad_request" and err.status is not None:
+    """A provider's failure as the caller sees it: its own 4xx as it is; rate limits as 429; a full
+    gateway queue as 503; the rest 502."""
+    if err.kind in ("bad_request", "not_found") and err.status is not None:
         return UpstreamRejected(err.status, err.body, f"The upstream model rejected the request: {err}")
+    if err.kind == "busy":
+        return GatewayError(503, f"The gateway's connections to this upstream are all busy: {err}",
+                            type="server_error", code="upstream_busy", headers={"retry-after": "1"})
     if err.kind == "rate_limit":
         return GatewayError(429, f"The upstream model is rate-limiting this gateway: {err}", type="rate_limit_error",
                             code="upstream_rate_limited", headers={"retry-after": str(int(err.retry_after or 1))})

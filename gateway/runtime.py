@@ -14,6 +14,7 @@ import numpy as np
 from gateway.config import Route, Settings, Tier
 from gateway.scorers import RouteScorer
 from gateway.upstream import UpstreamClient
+from gateway.worst_case import Bound, bound
 from policies.aggregate import AnswerExtractor
 from policies.arms import Arm
 from policies.budget import Cap
@@ -34,11 +35,17 @@ class Runtime:
     key_to_tier: dict[str, str]
     key_models: dict[str, list[str] | None]
     prompt_versions: dict[tuple[str, str], str]
+    users: int = 0  # requests in flight on this runtime: a replaced one is closed only when this is 0
 
     @classmethod
     def build(cls, settings: Settings, http: httpx.AsyncClient,
-              on_upstream_error: Callable[[str, str], None] | None = None) -> "Runtime":
-        upstreams = {name: UpstreamClient(name, cfg, on_error=on_upstream_error)
+              on_upstream_error: Callable[[str, str], None] | None = None,
+              reuse: dict[str, UpstreamClient] | None = None) -> "Runtime":
+        """Everything from `settings`; upstream clients whose config did not change are taken from `reuse`
+        (a reload keeps their connections and their concurrency slots, shared with requests in flight)."""
+        reuse = reuse or {}
+        upstreams = {name: reuse[name] if name in reuse and reuse[name].config == cfg
+                     else UpstreamClient(name, cfg, on_error=on_upstream_error)
                      for name, cfg in settings.upstreams.items()}
         for name, cfg in settings.upstreams.items():
             if cfg.fallback:
@@ -53,9 +60,11 @@ class Runtime:
             prompt_versions={(r.model, p.id): prompt_version(r, p.id) for r in settings.routes for p in r.prompts},
         )
 
-    async def aclose(self) -> None:
+    async def aclose(self, keep=()) -> None:
+        """Close the upstream clients (except those in `keep`, which a newer runtime still uses)."""
         for upstream in self.upstreams.values():
-            await upstream.aclose()
+            if upstream not in keep:
+                await upstream.aclose()
 
     def prepare(self) -> None:
         """Build every transport now (importing litellm takes seconds: never on a request)."""
@@ -77,6 +86,14 @@ class Runtime:
         """The configured arm a tier is served before any policy is published (or when it names a lost prompt)."""
         start = route.start.get(tier) or route.start.get("default")
         return Arm(start.prompt, start.n) if start else Arm(route.prompts[0].id, 1)
+
+    def route_worst_case(self, route: Route, body: dict) -> tuple[float, float, int, Bound]:
+        """One completion of a routed request at most: (its dollars with scoring, without scoring, its tokens,
+        the bound). Serving clamps N and reserves by it; training's feasible arms use the same."""
+        b = bound("chat", body, self.settings.limits.default_max_tokens)
+        dollars, tokens = self.upstreams[route.upstream].worst_case(b)
+        scoring = self.scorers[route.model].worst_case(body, tokens) if route.model in self.scorers else 0.0
+        return dollars + scoring, dollars, tokens, b
 
     def gold(self, route: str | None, gold) -> str:
         """A gold answer in the form votes are compared in (the route's extractor normalises it)."""

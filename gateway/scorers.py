@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
@@ -11,6 +12,7 @@ import numpy as np
 
 from gateway.config import Route, Scorer
 from gateway.upstream import UpstreamClient
+from gateway.worst_case import Bound
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -104,23 +106,49 @@ class HttpRewardScorer:
         return scores
 
 
+@dataclass
+class ScoringSpend:
+    """What scoring one request cost (judge calls are billed like completions)."""
+
+    dollars: float = 0.0
+    tokens: int = 0
+
+
+JUDGE_MAX_TOKENS = 8
+
+
 class JudgeScorer:
-    """Asks a judge model (through litellm) to rate each completion 0-10 against a rubric."""
+    """Asks a judge model (any configured upstream) to rate each completion 0-10 against a rubric."""
 
     def __init__(self, upstream: UpstreamClient, rubric: str) -> None:
         self.upstream, self.rubric = upstream, rubric
 
-    async def score(self, messages, texts):
+    async def score(self, messages, texts, spend: ScoringSpend | None = None):
         question = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
-        return np.array(await asyncio.gather(*(self._rate(str(question), t) for t in texts)))
+        return np.array(await asyncio.gather(*(self._rate(str(question), t, spend) for t in texts)))
 
-    async def _rate(self, question: str, answer: str) -> float:
+    def worst_case(self, request_tokens: int) -> float:
+        """Bound on one judge call's dollars: the question and the answer (within the request's bound),
+        the rubric, and the reply's token limit."""
+        prompt = request_tokens + len(self.rubric.encode()) + 96
+        return self.upstream.worst_case(Bound(prompt, JUDGE_MAX_TOKENS, 1))[0]
+
+    async def _rate(self, question: str, answer: str, spend: ScoringSpend | None) -> float:
         prompt = [
             {"role": "system", "content": f"You are a strict grader. {self.rubric} Reply with one number from 0 to 10."},
             {"role": "user", "content": f"Question:\n{question}\n\nAnswer:\n{answer}"},
         ]
-        body = {"model": self.upstream.config.wire_model, "messages": prompt, "temperature": 0.0, "max_tokens": 8}
+        body = {"model": self.upstream.config.wire_model, "messages": prompt, "temperature": 0.0,
+                "max_tokens": JUDGE_MAX_TOKENS}
         reply, _ = await self.upstream.call("chat", body)
+        if spend is not None:
+            usage = reply.body.get("usage") if isinstance(reply.body.get("usage"), dict) else {}
+            if "completion_tokens" in usage:
+                pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+                spend.dollars += self.upstream.served_by(reply).price(pt, ct)
+                spend.tokens += pt + ct
+            else:  # no usage: book the bound
+                spend.dollars += self.worst_case(len(json.dumps(prompt).encode()))
         choices = reply.body.get("choices") or [{}]
         match = _NUMBER.search(str((choices[0].get("message") or {}).get("content") or ""))
         return float(match.group(0)) if match else 0.0
@@ -141,8 +169,14 @@ class RouteScorer:
     def timeout(self) -> float:
         return max((o.scorer.timeout for o in self.objectives), default=0.0)
 
-    async def score(self, messages: list[dict], outputs: list[dict | str]) -> np.ndarray:
-        """(n, K) scores in [0, 1] of completions given as messages (tool calls included) or texts."""
+    def worst_case(self, body: dict, request_tokens: int) -> float:
+        """Bound on the dollars of scoring one completion of a request bounded by `request_tokens`."""
+        return sum(s.worst_case(request_tokens) for s in self.scorers if isinstance(s, JudgeScorer))
+
+    async def score(self, messages: list[dict], outputs: list[dict | str],
+                    spend: ScoringSpend | None = None) -> np.ndarray:
+        """(n, K) scores in [0, 1] of completions given as messages (tool calls included) or texts;
+        judge calls add what they cost to `spend`."""
         outputs = [as_output(o) for o in outputs]
         texts = [rendered(o) for o in outputs]
         columns: list[np.ndarray | None] = [None] * len(self.scorers)
@@ -156,6 +190,7 @@ class RouteScorer:
                 columns[k] = np.array([float(p[self.scorers[k].field]) for p in payload])
         rest = [k for k, c in enumerate(columns) if c is None]
         calls = [self.scorers[k].score(messages, texts, outputs) if isinstance(self.scorers[k], JsonValidScorer)
+                 else self.scorers[k].score(messages, texts, spend) if isinstance(self.scorers[k], JudgeScorer)
                  else self.scorers[k].score(messages, texts) for k in rest]
         for k, col in zip(rest, await asyncio.gather(*calls)):
             columns[k] = col

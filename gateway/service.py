@@ -50,6 +50,8 @@ class GatewayService:
         self.instance_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._background: list[asyncio.Task] = []
         self._streams: set[asyncio.Task] = set()
+        self._retired: list[tuple[Runtime, set]] = []  # replaced runtimes, closed once no request uses them
+        self._closing: set[asyncio.Task] = set()
         self._deferred: list[tuple[Reservation, float, int]] = []
         self._config_mtime = _mtime(config_path)
 
@@ -60,6 +62,7 @@ class GatewayService:
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         s = self._initial
+        self.loop = asyncio.get_running_loop()
         self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
         self.rt = self._build_runtime(s)
         await asyncio.to_thread(self.rt.prepare)
@@ -69,7 +72,8 @@ class GatewayService:
         self.ledger = SpendLedger(open_database(s.store.path))
         self._ledger_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iapo-ledger")
         self.access = Access(KeyStore(open_database(s.store.path)))
-        self.metrics.attach_ledger(self.ledger, lambda: self.settings)
+        # the spend gauges read through a connection of their own, in the thread that renders /metrics
+        self.metrics.attach_ledger(SpendLedger(open_database(s.store.path)), lambda: self.settings)
         self.writer = LogWriter(s.store.path, max_queue=s.store.queue_size, batch_size=s.store.batch_size)
         released = await self._in_ledger_thread(self._release_expired)
         if released:
@@ -80,18 +84,21 @@ class GatewayService:
         if s.train.interval_seconds:
             self._background.append(asyncio.create_task(self._train_periodically()))
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no SIGHUP
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_soon)
 
     async def stop(self) -> None:
         for task in self._background:
             task.cancel()
         if self._streams:  # streams whose clients left are still being read, settled and logged
-            await asyncio.wait(set(self._streams), timeout=30)
+            deadline = max((u.deadline_s for u in self.rt.upstreams.values()), default=30.0)
+            await asyncio.wait(set(self._streams), timeout=deadline)
         await self._in_ledger_thread(self._settle_deferred)
         self._ledger_thread.shutdown(wait=True)
         if self.writer:
             await asyncio.to_thread(self.writer.close)
         await self.http.aclose()
+        for old, keep in self._retired:
+            await old.aclose(keep)
         await self.rt.aclose()
         self.db.conn.close()
 
@@ -100,36 +107,47 @@ class GatewayService:
         self._streams.add(task)
         task.add_done_callback(self._streams.discard)
 
-    def _build_runtime(self, settings: Settings) -> Runtime:
+    def _build_runtime(self, settings: Settings, reuse: dict | None = None) -> Runtime:
         for name in settings.upstreams:  # export zeros, so rates and alerts exist before the first error
             for kind in UPSTREAM_ERROR_KINDS:
                 self.metrics.upstream_errors.labels(name, kind)
-        return Runtime.build(settings, self.http,
+        return Runtime.build(settings, self.http, reuse=reuse,
                              on_upstream_error=lambda up, kind: self.metrics.upstream_errors.labels(up, kind).inc())
 
-    def reload(self) -> bool:
+    def _reload_soon(self) -> None:
+        task = asyncio.ensure_future(self.reload())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def reload(self) -> bool:
         """Re-read the config file; a valid one replaces the Runtime between requests, an invalid one is
-        refused (logged and counted) and the old one keeps serving."""
+        refused (logged and counted) and the old one keeps serving. Building runs off the event loop."""
         if not self.config_path:
             return False
+        old = self.rt
         try:
-            settings = load_config(self.config_path)
+            settings = await asyncio.to_thread(load_config, self.config_path)
             if settings.store.path != self.settings.store.path:
                 raise ConfigError("store.path cannot change while serving; restart to move the store")
-            runtime = self._build_runtime(settings)
-            runtime.prepare()
+            runtime = self._build_runtime(settings, reuse=old.upstreams)
+            await asyncio.to_thread(runtime.prepare)
         except ConfigError as exc:
             log.error("config reload rejected, keeping the running config: %s", exc)
             self.metrics.config_reloads.labels("error").inc()
             self.metrics.config_ok.set(0)
             return False
-        old, self.rt = self.rt, runtime
+        self.rt = runtime
+        self._retired.append((old, set(runtime.upstreams.values())))  # closed once its last request ends
         self.access.clear()
         self.metrics.config_reloads.labels("ok").inc()
         self.metrics.config_ok.set(1)
         log.info("config reloaded from %s", self.config_path)
-        asyncio.get_running_loop().call_later(60, lambda: asyncio.ensure_future(old.aclose()))
         return True
+
+    async def _close_retired(self) -> None:
+        for entry in [e for e in self._retired if e[0].users <= 0]:
+            self._retired.remove(entry)
+            await entry[0].aclose(entry[1])
 
     # -- policy ---------------------------------------------------------------------------------
     def arm_for(self, route: Route, tier: Tier, rt: Runtime | None = None) -> Arm:
@@ -170,6 +188,8 @@ class GatewayService:
         reservation meanwhile holds the room until it expires)."""
         try:
             await self._in_ledger_thread(self.ledger.settle, reservation, dollars, tokens)
+        except RuntimeError:  # the ledger's thread is gone (a stream outlived shutdown): settle here
+            self.ledger.settle(reservation, dollars, tokens)
         except StoreUnavailable as exc:
             log.warning("settle deferred (%s): $%.6f, %d tokens", exc, dollars, tokens)
             if len(self._deferred) < MAX_DEFERRED_SETTLES:
@@ -209,7 +229,7 @@ class GatewayService:
                 self._deferred.append((reservation, dollars, tokens))
         self.metrics.deferred_settles.set(len(self._deferred))
 
-    def _observe_store(self) -> None:
+    def observe_store(self) -> None:
         w = self.writer
         self.metrics.log_queue.set(w.depth())
         self.metrics.store_up.set(1 if w.state == "ok" else 0)
@@ -221,12 +241,12 @@ class GatewayService:
         while True:
             await asyncio.sleep(self.settings.store.policy_poll_seconds)
             try:
-                self._observe_store()
+                self.observe_store()
                 self._reload_policy()
                 mtime = _mtime(self.config_path)
                 if mtime != self._config_mtime:
                     self._config_mtime = mtime
-                    self.reload()
+                    await self.reload()
             except Exception:
                 log.exception("watcher step failed; serving continues on policy version %d", self.policy.version)
 
@@ -236,8 +256,10 @@ class GatewayService:
             await asyncio.sleep(HOUSEKEEPING_SECONDS)
             try:
                 await self._in_ledger_thread(self._release_expired)
+                await self._in_ledger_thread(self.ledger.prune)
                 if self._deferred:
                     await self._in_ledger_thread(self._settle_deferred)
+                await self._close_retired()
             except Exception:
                 log.exception("store housekeeping failed; it runs again in %.0f s", HOUSEKEEPING_SECONDS)
 

@@ -14,6 +14,8 @@ class Relay:
     reads them. A client that goes away stops reading, never the producer, so the request is still
     settled, logged and counted. While nothing arrives, SSE keep-alive comments hold the connection."""
 
+    MAX_QUEUED = 4096  # events waiting for a client that does not read: beyond this it is cut off
+
     def __init__(self, keepalive_s: float) -> None:
         self.keepalive_s = keepalive_s
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -21,8 +23,15 @@ class Relay:
         self.opened: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def put(self, data: bytes) -> None:
-        if not self.client_gone:
-            self.queue.put_nowait(data)
+        if self.client_gone:
+            return
+        if self.queue.qsize() >= self.MAX_QUEUED:  # memory stays bounded: a client this slow is treated as gone
+            self.client_gone = True
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.queue.put_nowait(None)
+            return
+        self.queue.put_nowait(data)
 
     def close(self) -> None:
         self.queue.put_nowait(None)

@@ -193,10 +193,8 @@ class RouteTrainer:
         """Per tier and prompt, the largest N it can be served: the tier's max_n, and its cost cap at the
         worst case of the longest training query (serving computes the same bound per request)."""
         longest = max(queries, key=lambda q: len(json.dumps(q["messages"])))["messages"] if queries else []
-        worst = {}
-        for p in self.route.prompts:
-            body = self._body(p.id, longest or [{"role": "user", "content": ""}])
-            worst[p.id] = self.upstream.worst_case(body["messages"], _limit(body))[0]
+        worst = {p.id: self.rt.route_worst_case(self.route, self._body(p.id, longest or [{"role": "user", "content": ""}]))[0]
+                 for p in self.route.prompts}
         return {t.name: {p: clamp_n(self.route.n_max, route_n_max=self.route.n_max, tier_max_n=t.max_n,
                                     max_cost_per_request=t.max_cost_per_request, worst_cost_per_completion=w)
                          for p, w in worst.items()}
@@ -260,7 +258,7 @@ class RouteTrainer:
     def _plan(self, engine: PSST, queries: list[dict], report: TrainingReport) -> None:
         """Dry run: walk the schedule with empty outcomes; cost at each prompt's worst case."""
         longest = max(queries, key=lambda q: len(json.dumps(q["messages"])))["messages"]
-        worst = {p.id: self.upstream.worst_case(*_worst_args(self._body(p.id, longest)))[0] for p in self.route.prompts}
+        worst = {p.id: self.rt.route_worst_case(self.route, self._body(p.id, longest))[0] for p in self.route.prompts}
         K = max(1, len(self.route.objectives))
         while batch := engine.ask():
             report.rounds.append({"pulls": len(batch), "completions": sum(n for _, n in batch),
@@ -292,7 +290,7 @@ class RouteTrainer:
                         told.append((pull, self._outcome_of(done, q)))
                         report.replayed_completions += pull[1]
                     else:
-                        cost = self.upstream.worst_case(*_worst_args(body))[0] * pull[1]
+                        cost = self.rt.route_worst_case(self.route, body)[0] * pull[1]
                         to_buy.append((seq, pull, q, body, cost))
                     seq += 1
                 report.dollars += sum(float(np.sum(o.costs)) for _, o in told)
@@ -402,14 +400,6 @@ def _read(path: str, query, *args, **kwargs):
         return query(db, *args, **kwargs)
     finally:
         db.conn.close()
-
-
-def _limit(body: dict) -> int | None:
-    return body.get("max_tokens") or body.get("max_completion_tokens")
-
-
-def _worst_args(body: dict) -> tuple[list[dict], int | None]:
-    return body["messages"], _limit(body)
 
 
 def _num(x: float) -> float | None:

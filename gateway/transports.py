@@ -26,11 +26,13 @@ ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "e
 
 @dataclass
 class Reply:
-    """A provider's non-streaming answer: parsed, and the bytes as they came."""
+    """A provider's non-streaming answer: parsed, and the bytes as they came; `served_by` names the
+    upstream that answered (the fallback's name when it did)."""
 
     body: dict
     raw: bytes
     headers: dict[str, str]
+    served_by: str | None = None
 
 
 @dataclass
@@ -58,6 +60,8 @@ def kind_of_status(status: int) -> str:
         return "server"
     if status in (401, 403):
         return "auth"
+    if status == 404:
+        return "not_found"  # an unknown model or path: the gateway's configuration, not the caller's request
     return "bad_request"
 
 
@@ -95,6 +99,8 @@ class DirectTransport:
             parsed = json.loads(r.content)
         except ValueError:
             raise UpstreamError("server", f"upstream answered {r.status_code} with a body that is not JSON") from None
+        if not isinstance(parsed, dict):
+            raise UpstreamError("server", f"upstream answered {r.status_code} with JSON that is not an object")
         return Reply(parsed, r.content, dict(r.headers))
 
     @contextlib.asynccontextmanager
@@ -162,6 +168,22 @@ def _dumps(body: dict) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def openai_params(endpoint: str) -> frozenset[str]:
+    """The request fields of OpenAI's API for an endpoint (from the `openai` package litellm depends on)."""
+    from openai.types import completion_create_params, embedding_create_params
+    from openai.types.chat import completion_create_params as chat_params
+    from openai.types.responses import response_create_params
+
+    typed = {"chat": chat_params.CompletionCreateParamsBase, "completions": completion_create_params.CompletionCreateParamsBase,
+             "embeddings": embedding_create_params.EmbeddingCreateParams,
+             "responses": response_create_params.ResponseCreateParamsBase}[endpoint]
+    return frozenset(typed.__annotations__) | {"stream", "n"}
+
+
+# fields litellm reads as its own settings (where to send, with which key, mocks, logging): never a caller's
+LITELLM_OWN = frozenset({"model", "metadata"})
+
+
 class LitellmTransport:
     """Calls through litellm (any provider it knows); answers rendered as OpenAI JSON."""
 
@@ -172,18 +194,24 @@ class LitellmTransport:
         self.config = config
         self.functions = {"chat": litellm.acompletion, "completions": litellm.atext_completion,
                           "embeddings": litellm.aembedding, "responses": litellm.aresponses}
+        self.params = {endpoint: openai_params(endpoint) - LITELLM_OWN for endpoint in self.functions}
 
     async def aclose(self) -> None:
         return None
 
-    def _kwargs(self, body: dict, timeout: float) -> dict[str, Any]:
-        kwargs = {k: v for k, v in body.items() if k != "model"}
-        return {"model": self.config.model, "api_base": self.config.api_base, "api_key": self.config.api_key() or "none",
-                "timeout": timeout, "max_retries": 0, **kwargs}
+    def _kwargs(self, endpoint: str, body: dict, timeout: float) -> dict[str, Any]:
+        """OpenAI's own fields as litellm arguments; anything else rides in `extra_body`, so a caller can
+        never set litellm's (api_base, api_key, mock_response, ...). The gateway's settings come last."""
+        known = {k: v for k, v in body.items() if k in self.params[endpoint]}
+        extra = {k: v for k, v in body.items() if k not in self.params[endpoint] and k != "model"}
+        if extra:
+            known["extra_body"] = extra
+        return {**known, "model": self.config.model, "api_base": self.config.api_base,
+                "api_key": self.config.api_key() or "none", "timeout": timeout, "max_retries": 0}
 
     async def post(self, endpoint: str, body: dict, timeout: float) -> Reply:
         try:
-            response = await self.functions[endpoint](**self._kwargs(body, timeout))
+            response = await self.functions[endpoint](**self._kwargs(endpoint, body, timeout))
         except Exception as exc:
             raise classify_litellm(exc) from None
         data = _plain(response)
@@ -192,7 +220,7 @@ class LitellmTransport:
     @contextlib.asynccontextmanager
     async def stream(self, endpoint: str, body: dict, timeout: float) -> AsyncIterator[AsyncIterator[Event]]:
         try:
-            response = await self.functions[endpoint](**self._kwargs({**body, "stream": True}, timeout))
+            response = await self.functions[endpoint](**self._kwargs(endpoint, {**body, "stream": True}, timeout))
         except Exception as exc:
             raise classify_litellm(exc) from None
 

@@ -14,12 +14,13 @@ from typing import AsyncIterator, Callable
 import gateway  # noqa: F401  (sets LITELLM_LOCAL_MODEL_COST_MAP before litellm is imported)
 from gateway.config import Upstream
 from gateway.transports import DirectTransport, Event, LitellmTransport, Reply, UpstreamError
+from gateway.worst_case import Bound
 
 log = logging.getLogger("iapo.upstream")
 
-DEFAULT_MAX_TOKENS = 1024  # the worst case assumed when neither caller nor prompt sets a token limit
 RETRYABLE = {"rate_limit", "server", "connection", "timeout"}
-UPSTREAM_ERROR_KINDS = ("rate_limit", "server", "connection", "timeout", "bad_request", "auth", "other")
+UPSTREAM_ERROR_KINDS = ("rate_limit", "server", "connection", "timeout", "bad_request", "not_found", "auth", "busy",
+                        "other")
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Completion:
     latency_s: float = 0.0
     error: str | None = None
     error_kind: str | None = None
+    unpriced: bool = False  # billed, but the provider said nothing of how much: its worst case is booked
 
     @property
     def text(self) -> str | None:
@@ -55,11 +57,7 @@ class Draw:
     system_fingerprint: str | None = None
     usage_details: dict = field(default_factory=dict)
     upstream_ids: list[str] = field(default_factory=list)
-
-
-def estimate_prompt_tokens(payload) -> int:
-    """A generous bound on prompt tokens: characters of the JSON / 3 (real tokenisers give ~4 per token)."""
-    return len(json.dumps(payload, ensure_ascii=False)) // 3 + 8
+    service_tier: str | None = None
 
 
 class UpstreamClient:
@@ -99,17 +97,25 @@ class UpstreamClient:
         except Exception:
             return 0.0
 
-    def worst_case(self, payload, max_tokens: int | None, *, completes: bool = True) -> tuple[float, int]:
-        """Upper bound of one completion's (dollars, tokens): the prompt bound plus the token limit
-        (none for embeddings). Caps reserve this; cost clamps divide by it."""
-        prompt_tokens = estimate_prompt_tokens(payload)
-        completion = int(max_tokens or DEFAULT_MAX_TOKENS) if completes else 0
-        return self.price(prompt_tokens, completion), prompt_tokens + completion
+    def worst_case(self, bound: Bound) -> tuple[float, int]:
+        """Upper bound of one completion's (dollars, tokens) here or on any fallback that may serve it.
+        Caps reserve this; cost clamps divide by it."""
+        dollars = max(client.price(bound.prompt_tokens, bound.completion_tokens) for client in self.chain())
+        return dollars, bound.tokens_per_completion
+
+    def chain(self) -> list["UpstreamClient"]:
+        """This upstream and the fallbacks behind it, in order (config validation rules out cycles)."""
+        out, client = [], self
+        while client is not None and client not in out:
+            out.append(client)
+            client = client.fallback
+        return out
 
     @property
     def deadline_s(self) -> float:
-        """The longest one request can spend here: its own timeout, then its fallback's."""
-        return self.config.timeout + (self.fallback.deadline_s if self.fallback else 0.0)
+        """The longest one request can spend here: waiting for a slot (at most `timeout`), its calls
+        (`timeout`), then its fallback's."""
+        return 2 * self.config.timeout + (self.fallback.deadline_s if self.fallback else 0.0)
 
     # -- calls ----------------------------------------------------------------------------------
     def _note(self, err: UpstreamError) -> None:
@@ -119,27 +125,47 @@ class UpstreamClient:
     async def call(self, endpoint: str, body: dict) -> tuple[Reply, float]:
         """One request, retried on transient errors within the timeout; the fallback when it still fails."""
         try:
-            return await self._call_here(endpoint, body)
+            reply, seconds = await self._call_here(endpoint, body)
         except UpstreamError as err:
-            if self.fallback is None or err.kind not in RETRYABLE | {"auth", "other"}:
+            if self.fallback is None or err.kind not in RETRYABLE | {"auth", "not_found", "busy", "other"}:
                 raise
             return await self.fallback.call(endpoint, {**body, "model": self.fallback.config.wire_model})
+        reply.served_by = self.name
+        return reply, seconds
+
+    def served_by(self, reply: Reply) -> "UpstreamClient":
+        """The client of the chain that answered `reply` (its price is the one to book)."""
+        return next((c for c in self.chain() if c.name == reply.served_by), self)
+
+    async def _slot(self) -> None:
+        """Wait for a concurrency slot, at most `timeout`: time spent queueing here is the gateway's, so
+        it does not eat into the upstream call's own deadline."""
+        try:
+            await asyncio.wait_for(self.slots.acquire(), timeout=self.config.timeout)
+        except asyncio.TimeoutError:
+            err = UpstreamError("busy", f"no free slot for upstream {self.name!r} within {self.config.timeout:.1f}s "
+                                        f"(max_concurrency {self.config.max_concurrency})")
+            self._note(err)
+            raise err from None
 
     async def _call_here(self, endpoint: str, body: dict) -> tuple[Reply, float]:
-        deadline = time.monotonic() + self.config.timeout
+        deadline = None  # the calls' total deadline starts once the first slot is held
         attempt = 0
         while True:
+            await self._slot()
             start = time.monotonic()
+            deadline = deadline or start + self.config.timeout
             try:
-                async with self.slots:
-                    left = max(0.1, deadline - time.monotonic())
-                    # a total deadline: client timeouts are per read, and a trickling body never trips them
-                    reply = await asyncio.wait_for(self.transport.post(endpoint, body, left), timeout=left)
+                left = max(0.1, deadline - time.monotonic())
+                # a total deadline: client timeouts are per read, and a trickling body never trips them
+                reply = await asyncio.wait_for(self.transport.post(endpoint, body, left), timeout=left)
                 return reply, time.monotonic() - start
             except asyncio.TimeoutError:
                 err = UpstreamError("timeout", f"upstream did not answer within {self.config.timeout:.1f}s")
             except UpstreamError as exc:
                 err = exc
+            finally:
+                self.slots.release()
             self._note(err)
             attempt += 1
             left = deadline - time.monotonic()
@@ -151,26 +177,31 @@ class UpstreamClient:
     async def stream(self, endpoint: str, body: dict) -> AsyncIterator[AsyncIterator[Event]]:
         """Open a stream (retried, then the fallback, until the provider accepts it) and yield its events.
         The concurrency slot is held until the stream is closed."""
-        deadline = time.monotonic() + self.config.timeout
+        deadline = None
         attempt = 0
         yielded = False
         while True:
             try:
-                async with self.slots:
+                await self._slot()
+                try:
+                    deadline = deadline or time.monotonic() + self.config.timeout
                     async with self.transport.stream(endpoint, body, max(0.1, deadline - time.monotonic())) as events:
                         yielded = True
                         yield _bounded(events, deadline, self)
+                finally:
+                    self.slots.release()
                 return
             except UpstreamError as err:
                 if yielded:
                     raise
-                self._note(err)
+                if err.kind != "busy":  # _slot counted that one already
+                    self._note(err)
                 attempt += 1
-                left = deadline - time.monotonic()
+                left = deadline - time.monotonic() if deadline is not None else 0.0
                 if err.kind in RETRYABLE and attempt <= self.config.retries and left > 0.05:
                     await asyncio.sleep(min(left / 2, _backoff(attempt, err)))
                     continue
-                if self.fallback is None or err.kind not in RETRYABLE | {"auth", "other"}:
+                if self.fallback is None or err.kind not in RETRYABLE | {"auth", "not_found", "busy", "other"}:
                     raise
                 async with self.fallback.stream(endpoint, {**body, "model": self.fallback.config.wire_model}) as events:
                     yield events
@@ -187,6 +218,7 @@ class UpstreamClient:
         draw = Draw([c for part in parts for c in part.completions])
         for part in parts:
             draw.system_fingerprint = draw.system_fingerprint or part.system_fingerprint
+            draw.service_tier = draw.service_tier or part.service_tier
             draw.upstream_ids += part.upstream_ids
             _add_details(draw.usage_details, part.usage_details)
         return draw
@@ -197,14 +229,16 @@ class UpstreamClient:
             reply, seconds = await self.call("chat", request)
         except UpstreamError as err:
             return Draw([Completion(None, error=str(err), error_kind=err.kind) for _ in range(n)])
-        return self.split(reply.body, seconds, n)
+        return self.served_by(reply).split(reply.body, seconds, n)
 
     def split(self, data: dict, seconds: float, n: int) -> Draw:
-        """Per-completion tokens and cost from one answer's usage (the shared prompt split evenly)."""
-        usage = data.get("usage") or {}
-        choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))[:n]
-        prompt_total = int(usage.get("prompt_tokens") or 0)
-        completion_total = int(usage.get("completion_tokens") or 0)
+        """Per-completion tokens and cost from one answer's usage (the shared prompt split evenly). An
+        answer without usage leaves its completions `unpriced`: the caller books their worst case."""
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        choices = sorted((c for c in data.get("choices") or [] if isinstance(c, dict)),
+                         key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0)[:n]
+        prompt_total = _count(usage.get("prompt_tokens"))
+        completion_total = _count(usage.get("completion_tokens"))
         lengths = [max(len(json.dumps(c.get("message") or {})), 1) for c in choices]
         share = [round(completion_total * l / sum(lengths)) for l in lengths] if lengths else []
         if share:
@@ -212,17 +246,19 @@ class UpstreamClient:
         prompt_share = [prompt_total // len(choices)] * len(choices) if choices else []
         if prompt_share:
             prompt_share[0] += prompt_total - sum(prompt_share)
+        unpriced = "usage" not in data or "completion_tokens" not in usage
         completions = [
-            Completion(message=c.get("message") or {"role": "assistant", "content": ""},
+            Completion(message=c.get("message") if isinstance(c.get("message"), dict) else {"role": "assistant",
+                                                                                            "content": ""},
                        finish_reason=c.get("finish_reason"), logprobs=c.get("logprobs"), prompt_tokens=pt,
-                       completion_tokens=ct, cost=self.price(pt, ct), latency_s=seconds)
+                       completion_tokens=ct, cost=self.price(pt, ct), latency_s=seconds, unpriced=unpriced)
             for c, pt, ct in zip(choices, prompt_share, share)
         ]
         completions += [Completion(None, error="upstream returned fewer choices than requested", error_kind="short")
                         for _ in range(n - len(completions))]
         details = {k: v for k, v in usage.items() if k.endswith("_details") and isinstance(v, dict)}
         return Draw(completions, data.get("system_fingerprint"), details,
-                    [data["id"]] if isinstance(data.get("id"), str) else [])
+                    [data["id"]] if isinstance(data.get("id"), str) else [], data.get("service_tier"))
 
 
 async def _bounded(events: AsyncIterator[Event], deadline: float, client: UpstreamClient) -> AsyncIterator[Event]:
@@ -242,6 +278,14 @@ async def _bounded(events: AsyncIterator[Event], deadline: float, client: Upstre
             client._note(err)
             raise
         yield event
+
+
+def _count(value) -> int:
+    """A token count from a provider's usage, whatever type it came as (0 when unreadable)."""
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _add_details(into: dict, details: dict) -> None:

@@ -55,6 +55,7 @@ class Script:
     cached_tokens: int = 0
     reasoning_tokens: int = 0  # per choice, added to the default completion_tokens
     system_fingerprint: str = "fp_scripted"
+    omit_usage: bool = False  # chat answers and streams carry no usage (as some servers do)
     embedding_dim: int = 16  # unless the request asks for `dimensions`
     models: list[str] = field(default_factory=lambda: ["scripted"])
 
@@ -226,9 +227,13 @@ def chat(state: ScriptedState, script: Script, body: dict) -> Response:
     base = header(script, body, "chatcmpl", "chat.completion")
     totals = usage(script, prompt_tokens(script, body["messages"]), choices)
     if body.get("stream"):
-        return stream(wire.chat_stream(base, choices, top_logprobs(body), totals if include_usage(body) else None,
+        usage_chunk = totals if include_usage(body) and not script.omit_usage else None
+        return stream(wire.chat_stream(base, choices, top_logprobs(body), usage_chunk,
                                        script.chunk_count, script.chunk_delay))
-    return JSONResponse(wire.chat_body(base, choices, top_logprobs(body), totals))
+    answer = wire.chat_body(base, choices, top_logprobs(body), totals)
+    if script.omit_usage:
+        answer.pop("usage")
+    return JSONResponse(answer)
 
 
 def completions(state: ScriptedState, script: Script, body: dict) -> Response:

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import sqlite_utils
 
-from policies.budget import Cap, affordable_n, window_bounds
+from policies.budget import WINDOWS, Cap, affordable_n, window_bounds
 from store.database import set_busy_timeout, write_transaction
 from store.errors import BudgetExhausted, StoreUnavailable
 
@@ -185,11 +185,24 @@ class SpendLedger:
             [scope, window, start, dollars, tokens])
 
     def current(self, now: float | None = None) -> list[dict]:
-        """Spend in every scope's current window (for gauges)."""
+        """Spend in every scope's current window (for gauges): only the current windows' rows are read."""
         now = time.time() if now is None else now
-        rows = self._read("select scope, window, window_start, dollars, tokens from spend", [])
-        return [{"scope": s, "window": w, "dollars": d, "tokens": t} for s, w, start, d, t in rows
-                if window_bounds(w, now)[0] == start]
+        starts = {w: window_bounds(w, now)[0] for w in WINDOWS}
+        rows = self._read("select scope, window, window_start, dollars, tokens from spend where "
+                          + " or ".join("(window = ? and window_start = ?)" for _ in starts),
+                          [v for item in starts.items() for v in item])
+        return [{"scope": s, "window": w, "dollars": d, "tokens": t} for s, w, start, d, t in rows]
+
+    def prune(self, now: float | None = None) -> int:
+        """Forget spend rows of windows long past (minutes after an hour, days after 40 days, months after
+        400 days): the table stays small however many keys and minutes go by."""
+        now = time.time() if now is None else now
+        with self._transaction():
+            cursor = self.db.execute(
+                "delete from spend where (window = 'per_minute' and window_start < ?)"
+                " or (window = 'per_day' and window_start < ?) or (window = 'per_month' and window_start < ?)",
+                [now - 3600, now - 40 * 86400, now - 400 * 86400])
+            return cursor.rowcount
 
     def reserved(self, now: float | None = None) -> list[dict]:
         """Live (unexpired) reserved dollars and tokens per scope in its current windows (metrics, health)."""

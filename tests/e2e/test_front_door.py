@@ -249,7 +249,7 @@ def test_a_client_leaving_mid_stream_is_still_settled_logged_and_counted(start_g
     scripted.script.update({"content": " ".join(f"w{i}" for i in range(10)), "chunk_count": 10, "chunk_delay": 0.2})
     before = metrics_snapshot(gw.url)
     with httpx.stream("POST", f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {KEY_CAPPED}"},
-                      json={"model": "scripted", "messages": ASK, "stream": True}) as r:
+                      json={"model": "scripted", "messages": ASK, "stream": True, "max_tokens": 200}) as r:
         request_id = r.headers["x-iapo-request-id"]
         next(r.iter_lines())
     row = wait_for(lambda: gw.row(request_id), timeout=10)
@@ -334,7 +334,7 @@ def test_embeddings_completions_and_responses_go_through_the_pipeline(gw, script
     assert r.output_text and r.usage.output_tokens > 0
     chunks = list(client.completions.create(model="scripted", prompt="Say hi", max_tokens=20, stream=True))
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.choices[0].text
-    with client.responses.stream(model="scripted", input="Say hi") as stream:
+    with client.responses.stream(model="scripted", input="Say hi", max_output_tokens=30) as stream:
         assert stream.get_final_response().output_text == r.output_text
     assert [r["path"] for r in scripted.records] == ["/v1/embeddings", "/v1/completions", "/v1/responses",
                                                      "/v1/completions", "/v1/responses"]

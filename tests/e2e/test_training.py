@@ -52,15 +52,15 @@ def test_published_arms_fit_their_tiers_and_are_served_as_published(start_gatewa
     wait_for(lambda: gw.gateway.policy.version == reports[-1].version)
     for report in reports:
         route = settings.route(report.route)
-        upstream = gw.gateway.rt.upstreams[route.upstream]
         for change in report.changes:
             tier = settings.tier(change.tier)
             assert change.ranked and change.ranked[0].arm == change.new
             for arm in change.ranked:
                 assert arm.n <= (tier.max_n or route.n_max) and arm.n <= route.n_max
                 if tier.max_cost_per_request:
-                    params = route.prompt(arm.prompt_id).params
-                    worst = upstream.worst_case([{"role": "user", "content": "x" * 80}], params.get("max_tokens"))[0]
+                    body = {"messages": [{"role": "user", "content": problem_text(3)}],
+                            **route.prompt(arm.prompt_id).params}
+                    worst = gw.gateway.rt.route_worst_case(route, body)[0]
                     assert arm.n * worst <= tier.max_cost_per_request + 1e-9
         # served exactly as published: the N in the answer is the N in the policy
         for tier, key in (("mid", "iapo-demo-mid"), ("high", "iapo-demo-high")):
