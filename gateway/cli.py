@@ -163,6 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("key")
     p.set_defaults(func=cli_store.cmd_keys)
 
+    p = sub.add_parser("db", help="the store: upgrade its schema, or copy it into another store")
+    p.add_argument("--config")
+    p.add_argument("--db", help="the store (a SQLite path or a postgresql:// URL); default: the config's store.url")
+    ds = p.add_subparsers(dest="action", required=True)
+    ds.add_parser("upgrade", help="bring the store to the newest schema")
+    s = ds.add_parser("copy", help="copy every table into another store (re-runnable: rows are upserted)")
+    s.add_argument("--to", required=True, help="the target store, e.g. postgresql://user@host/iapo")
+    p.set_defaults(func=cli_store.cmd_db)
+
     p = sub.add_parser("train", help="re-learn the policy of each route with PSST on logged traffic")
     p.add_argument("--config")
     p.add_argument("--route")

@@ -27,11 +27,16 @@ def settings_of(args):
 
 
 def store_path(args, *, must_exist: bool) -> str:
-    """The store the command works on: --db, else the config's; a clear error when it is not there."""
-    path = getattr(args, "db", None) or settings_of(args).store.path
+    """The store the command works on: --db, else the config's store.url; a clear error when a SQLite
+    file is not there (a PostgreSQL URL is checked by connecting)."""
+    from store.database import is_postgres
+
+    path = getattr(args, "db", None) or settings_of(args).store.url
+    if is_postgres(path):
+        return path
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise CliError(f"the store's folder {folder} does not exist (store.path is {path!r})")
+        raise CliError(f"the store's folder {folder} does not exist (store.url is {path!r})")
     if must_exist and not os.path.exists(path):
         raise CliError(f"no store at {path}: start the gateway once, or pass --db / --config")
     return path
@@ -193,4 +198,24 @@ def cmd_keys(args) -> int:
     if not revoked:
         raise CliError(f"no active key named {args.key!r} (or with that hash prefix)", code=1)
     print(f"revoked {revoked} key(s)")
+    return 0
+
+
+# -- db ---------------------------------------------------------------------------------------------
+def cmd_db(args) -> int:
+    """`iapo db upgrade`: bring the store to the newest schema (safe with replicas starting at once);
+    `iapo db copy --to URL`: copy a SQLite store's history into another store (e.g. PostgreSQL)."""
+    from store.copy import copy_store
+    from store.database import open_database
+
+    if args.action == "upgrade":
+        db = open_database(store_path(args, must_exist=False))
+        print(f"store {db.url}: schema version {db.version()} ({db.dialect})")
+        return 0
+    source = open_store(args)
+    target = open_database(args.to)
+    counts = copy_store(source, target)
+    for table, count in counts.items():
+        print(f"  {table:22s} {count:8d} rows")
+    print(f"copied {sum(counts.values())} rows from {source.url} to {target.url}")
     return 0

@@ -215,7 +215,9 @@ class AccessConfig(Strict):
 
 
 class StoreConfig(Strict):
-    path: str = "./iapo.db"
+    # a SQLite file (the embedded default) or postgresql://user:pass@host/db (several replicas, one truth)
+    url: str = "./iapo.db"
+    path: str | None = None  # the older name of `url` (a SQLite file); kept equal to url
     queue_size: int = Field(10_000, ge=1)
     batch_size: int = Field(256, ge=1)
     policy_poll_seconds: float = Field(1.0, gt=0)
@@ -227,6 +229,13 @@ class StoreConfig(Strict):
     # up to queue_size requests in memory and refuse beyond that
     on_write_failure: Literal["refuse", "buffer"] = "refuse"
     reservation_grace_seconds: float = Field(30.0, ge=0)  # a reservation expires at its request's deadline + this
+
+    @model_validator(mode="after")
+    def _path_is_url(self) -> "StoreConfig":
+        if self.path is not None and "url" not in self.model_fields_set:
+            self.url = self.path
+        self.path = self.url
+        return self
 
 
 class TrainConfig(Strict):

@@ -36,7 +36,7 @@ from store.database import open_database
 from store.policy_store import PolicyEntry, PolicyStore
 from store.queries import served_pulls, training_queries
 from store.spend import SpendLedger
-from store.training_lock import TrainingLock, TrainingLockHeld
+from store.training_lock import LEASE_S, TrainingLock, TrainingLockHeld
 from store.training_runs import LoggedPull, TrainingRun, TrainingRuns
 from store.writer import LogWriter, RequestLog
 
@@ -116,11 +116,12 @@ class RouteTrainer:
     async def run(self, *, dry_run: bool = False, publish_partial: bool = False, resume: bool = True) -> TrainingReport:
         start = time.monotonic()
         report = TrainingReport(self.route.model, f"train-{uuid.uuid4().hex[:12]}", "aborted", budget=self.budget)
-        db = open_database(self.settings.store.path)
-        lock = TrainingLock(db, self.route.model, report.run_id)
+        db = open_database(self.settings.store.url)
+        lock = TrainingLock(open_database(self.settings.store.url), self.route.model, report.run_id)  # renewed from a thread
         runs = TrainingRuns(db)
         self.run_row: TrainingRun | None = None
         locked = False
+        renewing = None
         try:
             if not dry_run:
                 try:
@@ -129,6 +130,7 @@ class RouteTrainer:
                 except TrainingLockHeld as exc:
                     report.status, report.message = "refused", str(exc)
                     return report
+                renewing = asyncio.ensure_future(_keep_leased(lock))
             await self._run(db, runs, report, dry_run=dry_run, publish_partial=publish_partial, resume=resume)
         except TrainingRefused as exc:
             report.status, report.message = "refused", str(exc)
@@ -136,13 +138,16 @@ class RouteTrainer:
             report.status, report.message = "aborted", f"{exc}; the serving policy is unchanged (the pulls paid " \
                                                        "for are logged: the next run resumes from them)"
         finally:
+            if renewing is not None:
+                renewing.cancel()
             if self.run_row is not None:
                 runs.finish(self.run_row.run_id, report.status, {
                     "completions": report.completions, "dollars": report.dollars, "version": report.version,
                     "message": report.message, "replayed_completions": report.replayed_completions})
             if locked:
                 lock.release()
-            db.conn.close()
+            lock.db.close()
+            db.close()
             report.wall_s = time.monotonic() - start
         return report
 
@@ -183,7 +188,7 @@ class RouteTrainer:
 
     async def _fresh_queries(self, db) -> list[dict]:
         since = time.time() - self.config.window_hours * 3600
-        queries = await asyncio.to_thread(_read, self.settings.store.path, training_queries, self.route.model,
+        queries = await asyncio.to_thread(_read, self.settings.store.url, training_queries, self.route.model,
                                           since=since, limit=self.config.max_queries)
         if self.route.aggregator == "mv":
             queries = await self._with_gold(queries)
@@ -237,7 +242,7 @@ class RouteTrainer:
         are free pulls (the same ones again when the run resumes)."""
         gold = {q["query_key"]: q["gold"] for q in queries}
         since = until - self.config.window_hours * 3600
-        served = await asyncio.to_thread(_read, self.settings.store.path, served_pulls, self.route.model,
+        served = await asyncio.to_thread(_read, self.settings.store.url, served_pulls, self.route.model,
                                          since=since, until=until)
         pulls = []
         for r in served:
@@ -272,8 +277,8 @@ class RouteTrainer:
     # -- exploration ----------------------------------------------------------------------------
     async def _explore(self, db, runs: TrainingRuns, engine: PSST, queries: list[dict],
                        logged: dict[int, LoggedPull], report: TrainingReport) -> None:
-        ledger = SpendLedger(open_database(self.settings.store.path))
-        writer = self._writer or LogWriter(self.settings.store.path)
+        ledger = SpendLedger(open_database(self.settings.store.url))
+        writer = self._writer or LogWriter(self.settings.store.url)
         self._ledger_lock = asyncio.Lock()
         seq = 0
         try:
@@ -321,7 +326,7 @@ class RouteTrainer:
         finally:
             if self._writer is None:
                 await asyncio.to_thread(writer.close)
-            ledger.db.conn.close()
+            ledger.db.close()
 
     def _body(self, prompt_id: str, messages: list[dict]) -> dict:
         body, _ = apply_arm(self.route, prompt_id, {"messages": messages}, ("messages",))
@@ -389,6 +394,16 @@ class RouteTrainer:
         report.status = "published" if complete else "partial"
 
 
+async def _keep_leased(lock: TrainingLock) -> None:
+    """Renew the route's training lease while the run goes on (another replica takes over a lapsed one)."""
+    while True:
+        await asyncio.sleep(LEASE_S / 4)
+        try:
+            await asyncio.to_thread(lock.renew)
+        except Exception:
+            log.warning("could not renew the training lease of %s", lock.route, exc_info=True)
+
+
 def _pull_seed(seed: int, seq: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{seq}".encode()).digest()[:4], "big") & 0x7FFFFFFF
 
@@ -399,7 +414,7 @@ def _read(path: str, query, *args, **kwargs):
     try:
         return query(db, *args, **kwargs)
     finally:
-        db.conn.close()
+        db.close()
 
 
 def _num(x: float) -> float | None:

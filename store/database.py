@@ -1,196 +1,62 @@
-"""Opens the SQLite file in WAL mode and brings its schema to the newest version.
-
-The schema version lives in `PRAGMA user_version`; `MIGRATIONS[k]` takes a file from version k to
-k + 1. `open_database` applies the missing steps in one BEGIN IMMEDIATE transaction and re-reads the
-version under that write lock, so several processes may open (and upgrade) the same file at once.
-A file at version 0 that already has the tables (made before versions existed) is version 1.
-"""
+"""Opening the store: a SQLite file (the embedded default) or a PostgreSQL database (`postgresql://...`),
+each brought to the newest schema. Both backends offer the same few operations (`Database`); the SQL
+the store writes is the same for both (`?` placeholders, quoted identifiers, INSERT ... ON CONFLICT),
+and what differs lives in `store.sqlite_backend` and `store.postgres_backend`."""
 from __future__ import annotations
 
 import contextlib
-import sqlite3
-from typing import Callable, Iterator
+from typing import Iterator, Protocol
 
-import sqlite_utils
-
-SCHEMA_V1 = {
-    "requests": (
-        {
-            "id": str, "created": float, "kind": str, "route": str, "tier": str, "upstream": str,
-            "policy_version": int, "prompt_id": str, "prompt_version": str, "n": int, "aggregator": str, "messages": str,
-            "query_key": str, "chosen_index": int, "chosen_answer": str, "tie_size": int,
-            "vote_share": float, "prompt_tokens": int, "completion_tokens": int, "cost": float,
-            "latency_s": float, "upstream_latency_s": float, "failed": int, "status": int,
-            "error": str, "run_id": str,
-        },
-        {"pk": "id"},
-    ),
-    "completions": (
-        {
-            "request_id": str, "idx": int, "text": str, "answer": str, "scores": str,
-            "prompt_tokens": int, "completion_tokens": int, "cost": float, "finish_reason": str,
-            "latency_s": float, "error": str,
-        },
-        {"pk": ("request_id", "idx"), "foreign_keys": [("request_id", "requests", "id")]},
-    ),
-    "feedback": (
-        {"id": int, "request_id": str, "created": float, "gold": str, "score": float, "objective": str},
-        {"pk": "id"},
-    ),
-    "policy_versions": (
-        {"version": int, "created": float, "run_id": str, "note": str},
-        {"pk": "version"},
-    ),
-    "policies": (
-        {
-            "version": int, "route": str, "tier": str, "prompt_id": str, "n": int, "value": float,
-            "value_se": float, "budget_spent": int, "created": float, "run_id": str,
-        },
-        {"pk": ("version", "route", "tier")},
-    ),
-    "spend": (  # reserved_* are unused since version 3 (reservations have their own table); kept at 0
-        {"scope": str, "window": str, "window_start": float, "dollars": float, "tokens": int,
-         "reserved_dollars": float, "reserved_tokens": int},
-        {"pk": ("scope", "window", "window_start"), "defaults": {"dollars": 0.0, "tokens": 0,
-                                                                "reserved_dollars": 0.0, "reserved_tokens": 0}},
-    ),
-    "api_keys": (
-        {"hash": str, "tier": str, "name": str, "created": float, "revoked": float},
-        {"pk": "hash"},
-    ),
-    "training_locks": (
-        {"route": str, "run_id": str, "pid": int, "acquired": float},
-        {"pk": "route"},
-    ),
-}
-
-INDEXES_V1 = [
-    ("requests", ["route", "created"]),
-    ("requests", ["kind", "route"]),
-    ("feedback", ["request_id"]),
-]
+from store.result import Result
+from store.sqlite_backend import LATEST_VERSION, SQLiteDatabase, schema_version  # noqa: F401  (re-exported)
 
 
-def _v1_base_schema(db: sqlite_utils.Database) -> None:
-    """The schema as it was before versions: create whatever tables and indexes are missing."""
-    for name, (columns, options) in SCHEMA_V1.items():
-        if not db[name].exists():
-            db[name].create(columns, **options)
-    for table, columns in INDEXES_V1:
-        db[table].create_index(columns, if_not_exists=True)
+class Database(Protocol):
+    dialect: str  # "sqlite" | "postgres"
+    url: str
+
+    def execute(self, sql: str, params=()) -> Result: ...
+
+    def executemany(self, sql: str, rows) -> None: ...
+
+    def query(self, sql: str, params=()) -> list[dict]: ...
+
+    def insert(self, table: str, rows: list[dict], *, upsert: tuple[str, ...] | None = None) -> None: ...
+
+    def transaction(self, *locks: str): ...
+
+    def set_busy_timeout(self, seconds: float) -> None: ...
+
+    def version(self) -> int: ...
+
+    def migrate(self) -> int: ...
+
+    def close(self) -> None: ...
 
 
-def _v2_request_columns(db: sqlite_utils.Database) -> None:
-    """requests.key_id (16 hex digits of the caller's key hash, NULL when anonymous), endpoint
-    (chat|completions|embeddings|responses) and upstream_id (the provider's response id)."""
-    existing = db["requests"].columns_dict
-    for column in ("key_id", "endpoint", "upstream_id"):
-        if column not in existing:
-            db["requests"].add_column(column, str)
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
 
 
-def _v3_reservations(db: sqlite_utils.Database) -> None:
-    """One row per (reservation, cap window); settled ids are remembered so a settle books once."""
-    db["reservations"].create(
-        {"id": str, "scope": str, "window": str, "window_start": float, "dollars": float, "tokens": int,
-         "owner": str, "expires": float},
-        pk=("id", "scope", "window", "window_start"), if_not_exists=True)
-    db["reservations"].create_index(["scope", "window", "window_start", "expires"], if_not_exists=True)
-    db["settled_reservations"].create({"id": str, "settled": float}, pk="id", if_not_exists=True)
-    db["settled_reservations"].create_index(["settled"], if_not_exists=True)
-    db.execute("update spend set reserved_dollars = 0, reserved_tokens = 0")  # leaked by the old ledger
+def open_database(url: str, *, create: bool = True, busy_timeout: float = 30.0) -> Database:
+    """The store at `url` (a file path, or a PostgreSQL URL), migrated to the newest schema."""
+    if is_postgres(url):
+        from store.postgres_backend import PostgresDatabase
 
-
-def _v4_feedback_per_target(db: sqlite_utils.Database) -> None:
-    """feedback keyed by (request_id, target): target "gold" for gold answers, the objective name
-    (or "score" when none was given) for scores. Old rows split by target; the newest of each kept."""
-    db["feedback_v4"].create(
-        {"request_id": str, "target": str, "created": float, "gold": str, "score": float, "objective": str},
-        pk=("request_id", "target"))
-    db.execute("""
-        insert into feedback_v4 (request_id, target, created, gold, score, objective)
-        select request_id, target, created, gold, score, objective from (
-            select *, row_number() over (partition by request_id, target order by created desc, id desc) as newest
-            from (select id, request_id, 'gold' as target, created, gold, null as score, null as objective
-                    from feedback where gold is not null
-                  union all
-                  select id, request_id, coalesce(objective, 'score'), created, null, score, objective
-                    from feedback where score is not null))
-        where newest = 1""")
-    db["feedback"].drop()
-    db.rename_table("feedback_v4", "feedback")
-
-
-def _v5_training_runs_and_ranked_arms(db: sqlite_utils.Database) -> None:
-    """training_runs (a run's identity, settings and queries, so a killed run can resume under its id);
-    requests.run_pull (an exploration pull's position in its run); policy_arms (each published
-    (route, tier)'s arms ranked by estimated value, with their cost)."""
-    db["training_runs"].create(
-        {"run_id": str, "route": str, "status": str, "started": float, "finished": float, "fingerprint": str,
-         "budget": int, "spent": int, "dollars": float, "queries": str, "report": str},
-        pk="run_id", if_not_exists=True)
-    db["training_runs"].create_index(["route", "started"], if_not_exists=True)
-    if "run_pull" not in db["requests"].columns_dict:
-        db["requests"].add_column("run_pull", int)
-    db["requests"].create_index(["run_id", "run_pull"], if_not_exists=True)
-    db["policy_arms"].create(
-        {"version": int, "route": str, "tier": str, "rank": int, "prompt_id": str, "n": int, "value": float,
-         "value_se": float, "cost": float},
-        pk=("version", "route", "tier", "rank"), if_not_exists=True)
-
-
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
-    _v1_base_schema, _v2_request_columns, _v3_reservations, _v4_feedback_per_target,
-    _v5_training_runs_and_ranked_arms,
-]
-LATEST_VERSION = len(MIGRATIONS)
-
-
-def schema_version(db: sqlite_utils.Database) -> int:
-    """The file's schema version (`PRAGMA user_version`)."""
-    return int(db.execute("PRAGMA user_version").fetchone()[0])
-
-
-def migrate(db: sqlite_utils.Database) -> int:
-    """Apply the missing migration steps in one write transaction; returns the version reached."""
-    if schema_version(db) >= LATEST_VERSION:
-        return schema_version(db)
-    with write_transaction(db):
-        version = schema_version(db)  # another process may have migrated while we waited for the lock
-        for step in MIGRATIONS[version:]:
-            step(db)
-        if version < LATEST_VERSION:
-            db.execute(f"PRAGMA user_version = {LATEST_VERSION}")
-    return max(version, LATEST_VERSION)
-
-
-def open_database(path: str, *, create: bool = True, busy_timeout: float = 30.0) -> sqlite_utils.Database:
-    """A sqlite-utils Database on `path` with WAL, a busy timeout (seconds) and the newest schema."""
-    conn = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False)
-    db = sqlite_utils.Database(conn)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("PRAGMA foreign_keys=ON")
+        db = PostgresDatabase(url, busy_timeout=busy_timeout)
+    else:
+        db = SQLiteDatabase(url, busy_timeout=busy_timeout)
     if create:
-        migrate(db)
+        db.migrate()
     return db
 
 
-def set_busy_timeout(db: sqlite_utils.Database, seconds: float) -> None:
-    """How long a statement waits for another connection's lock before "database is locked"."""
-    db.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+def set_busy_timeout(db: Database, seconds: float) -> None:
+    db.set_busy_timeout(seconds)
 
 
 @contextlib.contextmanager
-def write_transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
-    """BEGIN IMMEDIATE ... COMMIT: takes the write lock up front, so concurrent writers wait on the
-    busy timeout instead of failing with "database is locked" when a read snapshot goes stale."""
-    db.conn.execute("BEGIN IMMEDIATE")
-    try:
+def write_transaction(db: Database, *locks: str) -> Iterator[Database]:
+    """A write transaction; `locks` name what it must be serialised with on other connections."""
+    with db.transaction(*locks):
         yield db
-        db.conn.execute("COMMIT")
-    except BaseException:
-        if db.conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):  # keep the original error, not a failed rollback's
-                db.conn.execute("ROLLBACK")
-        raise

@@ -14,7 +14,12 @@ class StoreError(Exception):
 
 
 class StoreUnavailable(StoreError):
-    """SQLite could not be read or written (disk full, I/O error, locked beyond the busy timeout)."""
+    """The store could not be read or written (disk full, I/O error, locked beyond the busy timeout,
+    the database server unreachable)."""
+
+
+class Conflict(StoreError):
+    """A write collided with a row that already has its key (unique or primary key)."""
 
 
 class BudgetExhausted(Exception):
@@ -42,6 +47,8 @@ def is_unavailable(exc: BaseException) -> bool:
     """True for failures of the storage itself (retry later); False for bad data or a bad statement."""
     if isinstance(exc, (OSError, MemoryError, StoreUnavailable)):
         return True
+    if isinstance(exc, StoreError):
+        return False
     if not isinstance(exc, sqlite3.DatabaseError) or isinstance(exc, _BUG_CLASSES):
         return False
     code = getattr(exc, "sqlite_errorcode", None)

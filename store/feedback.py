@@ -6,8 +6,6 @@ one created last wins whatever order they are written in; equal times keep the o
 """
 from __future__ import annotations
 
-import sqlite_utils
-
 GOLD = "gold"
 DEFAULT_SCORE_TARGET = "score"
 
@@ -34,7 +32,7 @@ def feedback_rows(feedback: dict) -> list[dict]:
     return rows
 
 
-def upsert_feedback(db: sqlite_utils.Database, rows: list[dict]) -> None:
+def upsert_feedback(db, rows: list[dict]) -> None:
     """Write per-target rows, each replacing an older row for its (request_id, target)."""
-    db.conn.executemany(_UPSERT, [(r["request_id"], r["target"], r["created"], r.get("gold"), r.get("score"),
+    db.executemany(_UPSERT, [(r["request_id"], r["target"], r["created"], r.get("gold"), r.get("score"),
                                    r.get("objective")) for r in rows])

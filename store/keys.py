@@ -4,9 +4,7 @@ from __future__ import annotations
 import secrets
 import time
 
-import sqlite_utils
-
-from store.database import write_transaction
+from store.database import Database, write_transaction
 
 
 def hash_key(key: str) -> str:
@@ -16,19 +14,19 @@ def hash_key(key: str) -> str:
 
 
 class KeyStore:
-    def __init__(self, db: sqlite_utils.Database) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
 
     def create(self, tier: str, name: str = "") -> str:
         """A new key for `tier`; the plain key is returned once and only its hash is stored."""
         key = "iapo-" + secrets.token_urlsafe(24)
         with write_transaction(self.db):
-            self.db["api_keys"].insert({"hash": hash_key(key), "tier": tier, "name": name, "created": time.time(),
-                                        "revoked": None})
+            self.db.insert("api_keys", [{"hash": hash_key(key), "tier": tier, "name": name, "created": time.time(),
+                                         "revoked": None}])
         return key
 
     def list(self) -> list[dict]:
-        return list(self.db.query("select hash, tier, name, created, revoked from api_keys order by created"))
+        return self.db.query("select hash, tier, name, created, revoked from api_keys order by created")
 
     def revoke(self, name_or_hash: str) -> int:
         """Revoke by name or by a hash prefix (≥ 8 hex digits); returns how many keys were revoked."""

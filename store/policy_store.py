@@ -4,10 +4,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import sqlite_utils
-
 from policies.arms import Arm, Policy, RankedArm
-from store.database import write_transaction
+from store.database import Database, write_transaction
 
 
 @dataclass(frozen=True)
@@ -26,7 +24,7 @@ class PolicyEntry:
 class PolicyStore:
     """Reads and writes the `policies` / `policy_versions` tables."""
 
-    def __init__(self, db: sqlite_utils.Database) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
 
     def latest_version(self) -> int:
@@ -61,31 +59,31 @@ class PolicyStore:
         return [PolicyEntry(r, t, Arm(p, int(n)), v, se, b, ranked.get((r, t), ())) for r, t, p, n, v, se, b in rows]
 
     def versions(self) -> list[dict]:
-        return list(self.db.query("select * from policy_versions order by version"))
+        return self.db.query("select * from policy_versions order by version")
 
     def publish(self, entries: list[PolicyEntry], *, run_id: str = "", note: str = "",
                 base_version: int | None = None) -> int:
         """Write a new version in one transaction: rows of `base_version` not overridden carry over."""
         now = time.time()
-        with write_transaction(self.db):
+        with write_transaction(self.db, "iapo:policy"):
             version = self.latest_version() + 1
             base = self.entries(self.latest_version() if base_version is None else base_version)
             merged = {(e.route, e.tier): e for e in base}
             merged.update({(e.route, e.tier): e for e in entries})
-            self.db["policy_versions"].insert({"version": version, "created": now, "run_id": run_id, "note": note})
-            self.db["policies"].insert_all(
+            self.db.insert("policy_versions", [{"version": version, "created": now, "run_id": run_id, "note": note}])
+            self.db.insert("policies", [
                 {
                     "version": version, "route": e.route, "tier": e.tier, "prompt_id": e.arm.prompt_id,
                     "n": e.arm.n, "value": e.value, "value_se": e.value_se, "budget_spent": e.budget_spent,
                     "created": now, "run_id": run_id,
                 }
                 for e in merged.values()
-            )
-            self.db["policy_arms"].insert_all(
+            ])
+            self.db.insert("policy_arms", [
                 {"version": version, "route": e.route, "tier": e.tier, "rank": i, "prompt_id": a.prompt_id, "n": a.n,
                  "value": _none(a.value), "value_se": _none(a.value_se), "cost": _none(a.cost)}
                 for e in merged.values() for i, a in enumerate(e.ranked)
-            )
+            ])
         return version
 
     def rollback(self, to_version: int) -> int:

@@ -3,44 +3,46 @@ from __future__ import annotations
 
 import json
 
-import sqlite_utils
+from store.database import Database
 
 
-def find_request(db: sqlite_utils.Database, request_id: str) -> dict | None:
-    rows = list(db.query("select * from requests where id = ?", [request_id]))
+def find_request(db: Database, request_id: str) -> dict | None:
+    rows = db.query("select * from requests where id = ?", [request_id])
     return rows[0] if rows else None
 
 
-def feedback_for(db: sqlite_utils.Database, request_id: str) -> list[dict]:
+def feedback_for(db: Database, request_id: str) -> list[dict]:
     """The request's feedback, one row per target (the newest for each), ordered by target."""
-    return list(db.query("select request_id, target, created, gold, score, objective from feedback"
-                         " where request_id = ? order by target", [request_id]))
+    return db.query("select request_id, target, created, gold, score, objective from feedback"
+                    " where request_id = ? order by target", [request_id])
 
 
-def completion_answers(db: sqlite_utils.Database, request_id: str) -> list[str | None]:
+def completion_answers(db: Database, request_id: str) -> list[str | None]:
     return [r["answer"] for r in db.query(
         "select answer from completions where request_id = ? and error is null order by idx", [request_id])]
 
 
-def training_queries(db: sqlite_utils.Database, route: str, *, since: float, limit: int) -> list[dict]:
+def training_queries(db: Database, route: str, *, since: float, limit: int) -> list[dict]:
     """Distinct served queries of a route (newest first) with their gold answer when feedback gave one
     (the newest gold among the requests sharing the query key)."""
     rows = db.query(
         """
-        select r.query_key, r.messages, max(r.created) as last_seen,
+        select q.query_key, q.messages, q.created as last_seen,
                (select f.gold from feedback f join requests r2 on r2.id = f.request_id
-                 where r2.query_key = r.query_key and f.target = 'gold' and f.gold is not null
+                 where r2.query_key = q.query_key and f.target = 'gold' and f.gold is not null
                  order by f.created desc limit 1) as gold
-        from requests r
-        where r.route = ? and r.kind = 'serve' and r.created >= ? and r.status = 200
-        group by r.query_key order by last_seen desc limit ?
+        from (select r.query_key, r.messages, r.created,
+                     row_number() over (partition by r.query_key order by r.created desc, r.id) as newest
+              from requests r
+              where r.route = ? and r.kind = 'serve' and r.created >= ? and r.status = 200) q
+        where q.newest = 1 order by q.created desc limit ?
         """,
         [route, since, limit],
     )
     return [{"query_key": r["query_key"], "messages": json.loads(r["messages"]), "gold": r["gold"]} for r in rows]
 
 
-def served_pulls(db: sqlite_utils.Database, route: str, *, since: float, until: float | None = None) -> list[dict]:
+def served_pulls(db: Database, route: str, *, since: float, until: float | None = None) -> list[dict]:
     """Requests served on a route in [since, until): (query_key, prompt_id, n) with their completions'
     answers and costs, in a stable order (a resumed training run must be offered exactly the same)."""
     until = float("inf") if until is None else until

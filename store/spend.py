@@ -1,25 +1,23 @@
-"""Spend ledger in SQLite: reserve a request's worst case before the upstream call, settle after.
+"""Spend ledger: reserve a request's worst case before the upstream call, settle after.
 
-Shared by every worker process on the host and kept across restarts. A reservation is one row per
-cap window in `reservations`, with an expiry. The room under a cap is its limit minus the spend
-minus the live (unexpired) reservations, computed in the BEGIN IMMEDIATE transaction that books the
-new reservation: concurrent requests (threads or processes) never book past a cap, and a
-reservation whose owner died (kill -9) stops counting the instant it expires, swept or not.
+Shared by every worker process and replica on the store, and kept across restarts. A reservation is
+one row per cap window in `reservations`, with an expiry. The room under a cap is its limit minus the
+spend minus the live (unexpired) reservations, computed in the transaction that books the new
+reservation, which is serialised with every other booking on the same cap windows (SQLite: BEGIN
+IMMEDIATE; PostgreSQL: an advisory lock per cap window): concurrent requests never book past a cap,
+and a reservation whose owner died (kill -9) stops counting the instant it expires, swept or not.
 """
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
-import sqlite_utils
-
 from policies.budget import WINDOWS, Cap, affordable_n, window_bounds
-from store.database import set_busy_timeout, write_transaction
+from store.database import Database, set_busy_timeout, write_transaction
 from store.errors import BudgetExhausted, StoreUnavailable
 
 __all__ = ["BudgetExhausted", "Reservation", "SpendLedger", "StoreUnavailable"]
@@ -44,36 +42,33 @@ class Reservation:
 class SpendLedger:
     """Reserve / settle / sweep over the `spend` and `reservations` tables; safe to share across threads."""
 
-    def __init__(self, db: sqlite_utils.Database, *, busy_timeout: float | None = None) -> None:
+    def __init__(self, db: Database, *, busy_timeout: float | None = None) -> None:
         self.db = db
         self._lock = threading.Lock()
         if busy_timeout is not None:
             set_busy_timeout(db, busy_timeout)
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """One write transaction on the shared connection; SQLite failures become StoreUnavailable."""
-        with self._lock:
-            try:
-                with write_transaction(self.db):
-                    yield
-            except sqlite3.DatabaseError as exc:
-                raise StoreUnavailable(f"spend ledger: {exc}") from exc
+    def _transaction(self, *windows: tuple[str, str, float]) -> Iterator[None]:
+        """One write transaction, serialised with every other one touching the same cap windows."""
+        with self._lock, write_transaction(self.db, *(f"cap:{s}:{w}:{start!r}" for s, w, start in windows)):
+            yield
 
     def _read(self, sql: str, params: list) -> list[tuple]:
         with self._lock:
-            try:
-                return self.db.execute(sql, params).fetchall()
-            except sqlite3.DatabaseError as exc:
-                raise StoreUnavailable(f"spend ledger: {exc}") from exc
+            return self.db.execute(sql, params).fetchall()
+
+    @staticmethod
+    def _windows(caps: list[Cap], now: float) -> list[tuple[str, str, float]]:
+        return [(cap.scope, cap.window, window_bounds(cap.window, now)[0]) for cap in caps]
 
     def _used(self, scope: str, window: str, start: float, now: float) -> tuple[float, int]:
         """Spent plus live reservations in one cap window (call inside the write transaction)."""
         key = [scope, window, start]
-        spent = self.db.execute("select dollars, tokens from spend where scope = ? and window = ? and window_start = ?",
+        spent = self.db.execute("select dollars, tokens from spend where scope = ? and \"window\" = ? and window_start = ?",
                                 key).fetchone() or (0.0, 0)
         held = self.db.execute("select coalesce(sum(dollars), 0), coalesce(sum(tokens), 0) from reservations"
-                               " where scope = ? and window = ? and window_start = ? and expires > ?",
+                               " where scope = ? and \"window\" = ? and window_start = ? and expires > ?",
                                key + [now]).fetchone()
         return (spent[0] or 0.0) + held[0], (spent[1] or 0) + held[1]
 
@@ -85,7 +80,7 @@ class SpendLedger:
         with no room, StoreUnavailable when SQLite fails, ValueError for a reservation id already used."""
         now = time.time() if now is None else now
         need = 1 if allow_fewer else n
-        with self._transaction():
+        with self._transaction(*self._windows(caps, now)):
             bounds, used, room = self._room(caps, now, reservation_id)
             granted = affordable_n(n, per_completion_dollars=per_completion_dollars,
                                    per_completion_tokens=per_completion_tokens, room=room)
@@ -111,9 +106,9 @@ class SpendLedger:
         reservation_id = reservation_id or uuid.uuid4().hex
         dollars, tokens = n * per_dollars, n * per_tokens
         rows = list(dict.fromkeys((cap.scope, cap.window, start) for cap, start, _ in bounds))
-        self.db["reservations"].insert_all(
+        self.db.insert("reservations", [
             {"id": reservation_id, "scope": scope, "window": window, "window_start": start, "dollars": dollars,
-             "tokens": tokens, "owner": owner, "expires": expires_at} for scope, window, start in rows)
+             "tokens": tokens, "owner": owner, "expires": expires_at} for scope, window, start in rows])
         return Reservation(rows, n, dollars, tokens, reservation_id, owner, expires_at)
 
     def reserve_first(self, caps: list[Cap], options: list[tuple[int, float, int]], *, owner: str = "",
@@ -123,7 +118,7 @@ class SpendLedger:
         case fits every cap, in one transaction; returns its index and reservation. BudgetExhausted
         (naming the first option's cap) when none fits."""
         now = time.time() if now is None else now
-        with self._transaction():
+        with self._transaction(*self._windows(caps, now)):
             bounds, used, room = self._room(caps, now, reservation_id)
             for index, (n, per_dollars, per_tokens) in enumerate(options):
                 if affordable_n(n, per_completion_dollars=per_dollars, per_completion_tokens=per_tokens, room=room) >= n:
@@ -152,9 +147,9 @@ class SpendLedger:
     def settle(self, reservation: Reservation, dollars: float, tokens: int) -> bool:
         """Drop the reservation and book the real cost in the windows it reserved, exactly once per id
         (also after it expired or was swept); False when this id was already settled."""
-        with self._transaction():
-            first = self.db.execute("insert or ignore into settled_reservations (id, settled) values (?, ?)",
-                                    [reservation.id, time.time()]).rowcount == 1
+        with self._transaction(*reservation.rows):
+            first = self.db.execute("insert into settled_reservations (id, settled) values (?, ?)"
+                                    " on conflict (id) do nothing", [reservation.id, time.time()]).rowcount == 1
             self.db.execute("delete from reservations where id = ?", [reservation.id])
             if first:
                 for scope, window, start in reservation.rows:
@@ -173,23 +168,24 @@ class SpendLedger:
     def record(self, scope: str, windows: tuple[str, ...], dollars: float, tokens: int, now: float | None = None) -> None:
         """Book spend without a cap (exploration), so it shows in the ledger and the metrics."""
         now = time.time() if now is None else now
-        with self._transaction():
-            for window in windows:
-                self._add(scope, window, window_bounds(window, now)[0], dollars, tokens)
+        rows = [(scope, window, window_bounds(window, now)[0]) for window in windows]
+        with self._transaction(*rows):
+            for row in rows:
+                self._add(*row, dollars, tokens)
 
     def _add(self, scope: str, window: str, start: float, dollars: float, tokens: int) -> None:
         self.db.execute(
-            "insert into spend (scope, window, window_start, dollars, tokens) values (?, ?, ?, ?, ?)"
-            " on conflict (scope, window, window_start) do update set"
-            " dollars = dollars + excluded.dollars, tokens = tokens + excluded.tokens",
+            "insert into spend (scope, \"window\", window_start, dollars, tokens) values (?, ?, ?, ?, ?)"
+            " on conflict (scope, \"window\", window_start) do update set"
+            " dollars = spend.dollars + excluded.dollars, tokens = spend.tokens + excluded.tokens",
             [scope, window, start, dollars, tokens])
 
     def current(self, now: float | None = None) -> list[dict]:
         """Spend in every scope's current window (for gauges): only the current windows' rows are read."""
         now = time.time() if now is None else now
         starts = {w: window_bounds(w, now)[0] for w in WINDOWS}
-        rows = self._read("select scope, window, window_start, dollars, tokens from spend where "
-                          + " or ".join("(window = ? and window_start = ?)" for _ in starts),
+        rows = self._read("select scope, \"window\", window_start, dollars, tokens from spend where "
+                          + " or ".join("(\"window\" = ? and window_start = ?)" for _ in starts),
                           [v for item in starts.items() for v in item])
         return [{"scope": s, "window": w, "dollars": d, "tokens": t} for s, w, start, d, t in rows]
 
@@ -199,15 +195,15 @@ class SpendLedger:
         now = time.time() if now is None else now
         with self._transaction():
             cursor = self.db.execute(
-                "delete from spend where (window = 'per_minute' and window_start < ?)"
-                " or (window = 'per_day' and window_start < ?) or (window = 'per_month' and window_start < ?)",
+                "delete from spend where (\"window\" = 'per_minute' and window_start < ?)"
+                " or (\"window\" = 'per_day' and window_start < ?) or (\"window\" = 'per_month' and window_start < ?)",
                 [now - 3600, now - 40 * 86400, now - 400 * 86400])
             return cursor.rowcount
 
     def reserved(self, now: float | None = None) -> list[dict]:
         """Live (unexpired) reserved dollars and tokens per scope in its current windows (metrics, health)."""
         now = time.time() if now is None else now
-        rows = self._read("select scope, window, window_start, sum(dollars), sum(tokens), count(*) from reservations"
-                          " where expires > ? group by scope, window, window_start", [now])
+        rows = self._read("select scope, \"window\", window_start, sum(dollars), sum(tokens), count(*) from reservations"
+                          " where expires > ? group by scope, \"window\", window_start", [now])
         return [{"scope": s, "window": w, "dollars": d, "tokens": t, "reservations": k}
                 for s, w, start, d, t, k in rows if window_bounds(w, now)[0] == start]

@@ -1,13 +1,16 @@
-"""One training run per route at a time: a row in `training_locks`, taken over only when stale."""
+"""One training run per route across every process and replica on the store: a lease row in
+`training_locks`, renewed by its run, taken over when it expired (or, on the same host, when the
+process that holds it is gone)."""
 from __future__ import annotations
 
 import os
-import sqlite3
+import socket
 import time
 
-import sqlite_utils
+from store.database import Database, write_transaction
+from store.errors import Conflict
 
-from store.database import write_transaction
+LEASE_S = 120.0  # a run renews its lease at least this often; a lease not renewed for this long is stale
 
 
 class TrainingLockHeld(Exception):
@@ -25,22 +28,33 @@ def _alive(pid: int) -> bool:
 
 
 class TrainingLock:
-    def __init__(self, db: sqlite_utils.Database, route: str, run_id: str) -> None:
+    def __init__(self, db: Database, route: str, run_id: str) -> None:
         self.db, self.route, self.run_id = db, route, run_id
+        self.host = socket.gethostname()
 
     def acquire(self) -> None:
-        with write_transaction(self.db):
-            row = self.db.execute("select run_id, pid from training_locks where route = ?", [self.route]).fetchone()
-            if row is not None:
-                run_id, pid = row
-                if _alive(pid) and run_id != self.run_id:
-                    raise TrainingLockHeld(f"route {self.route!r} is being trained by run {run_id} (pid {pid})")
+        now = time.time()
+        with write_transaction(self.db, f"training:{self.route}"):
+            rows = self.db.query("select run_id, pid, host, expires from training_locks where route = ?", [self.route])
+            if rows:
+                held = rows[0]
+                stale = (held["expires"] is not None and held["expires"] < now) or \
+                    (held["host"] in (None, self.host) and not _alive(held["pid"]))
+                if held["run_id"] != self.run_id and not stale:
+                    raise TrainingLockHeld(f"route {self.route!r} is being trained by run {held['run_id']} "
+                                           f"(pid {held['pid']} on {held['host'] or 'this host'})")
                 self.db.execute("delete from training_locks where route = ?", [self.route])
             try:
-                self.db["training_locks"].insert(
-                    {"route": self.route, "run_id": self.run_id, "pid": os.getpid(), "acquired": time.time()})
-            except sqlite3.IntegrityError:
+                self.db.insert("training_locks", [{"route": self.route, "run_id": self.run_id, "pid": os.getpid(),
+                                                   "acquired": now, "host": self.host, "expires": now + LEASE_S}])
+            except Conflict:
                 raise TrainingLockHeld(f"route {self.route!r} is being trained by another run") from None
+
+    def renew(self) -> None:
+        """Extend the lease (the run calls this as it goes)."""
+        with write_transaction(self.db):
+            self.db.execute("update training_locks set expires = ? where route = ? and run_id = ?",
+                            [time.time() + LEASE_S, self.route, self.run_id])
 
     def release(self) -> None:
         with write_transaction(self.db):

@@ -6,9 +6,7 @@ import json
 import time
 from dataclasses import dataclass
 
-import sqlite_utils
-
-from store.database import write_transaction
+from store.database import Database, write_transaction
 
 
 @dataclass
@@ -40,17 +38,17 @@ class LoggedPull:
 
 
 class TrainingRuns:
-    def __init__(self, db: sqlite_utils.Database) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
 
     def unfinished(self, route: str) -> TrainingRun | None:
         """The newest run of `route` that neither finished nor was abandoned: killed (still marked running;
         the caller holds the route's lock, so its process is gone) or aborted by an upstream failure."""
-        rows = list(self.db.query("select * from training_runs where route = ? order by started desc limit 1", [route]))
+        rows = self.db.query("select * from training_runs where route = ? order by started desc limit 1", [route])
         return _run(rows[0]) if rows and rows[0]["status"] in ("running", "aborted") else None
 
     def get(self, run_id: str) -> TrainingRun | None:
-        rows = list(self.db.query("select * from training_runs where run_id = ?", [run_id]))
+        rows = self.db.query("select * from training_runs where run_id = ?", [run_id])
         return _run(rows[0]) if rows else None
 
     def list(self, route: str | None = None, limit: int = 50) -> list[TrainingRun]:
@@ -60,10 +58,10 @@ class TrainingRuns:
 
     def begin(self, run: TrainingRun) -> None:
         with write_transaction(self.db):
-            self.db["training_runs"].insert({
+            self.db.insert("training_runs", [{
                 "run_id": run.run_id, "route": run.route, "status": "running", "started": run.started,
                 "fingerprint": run.fingerprint, "budget": run.budget, "spent": 0, "dollars": 0.0,
-                "queries": json.dumps(run.queries, ensure_ascii=False), "finished": None, "report": None})
+                "queries": json.dumps(run.queries, ensure_ascii=False), "finished": None, "report": None}])
 
     def progress(self, run_id: str, spent: int, dollars: float) -> None:
         with write_transaction(self.db):

@@ -1,7 +1,8 @@
 """One writer thread commits the request log in batches, off the request path; nothing accepted is dropped.
 
-Each batch is one transaction, each request with its completions. SQLite runs in WAL mode with
-synchronous=NORMAL: a committed transaction survives a kill -9 of the process (not a power loss).
+Each batch is one transaction, each request with its completions (on PostgreSQL, the rows of a batch go
+in one pipelined executemany per table). SQLite runs in WAL mode with synchronous=NORMAL: a committed
+transaction survives a kill -9 of the process (not a power loss); PostgreSQL's commit is durable.
 `submit(item, wait=True)` returns once the transaction holding the item has committed
 ("acknowledged means logged"); items that gather while a commit runs share the next one (group
 commit). A batch that fails because the storage fails (disk full, I/O error, locked) is kept and
@@ -201,7 +202,7 @@ class LogWriter:
             time.sleep(min(backoff, max(0.0, self._close_deadline - time.monotonic())))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
         if db is not None:
-            db.conn.close()
+            db.close()
 
     def _write_batch(self, db) -> bool:
         """Commit the oldest items as one batch; False when the storage failed (retry after a backoff)."""
@@ -241,9 +242,9 @@ class LogWriter:
         feedback = [row for i in items if isinstance(i, FeedbackLog) for row in feedback_rows(i.feedback)]
         with write_transaction(db):
             if requests:
-                db["requests"].insert_all(requests, replace=True)
+                db.insert("requests", requests, upsert=("id",))
             if completions:
-                db["completions"].insert_all(completions, replace=True)
+                db.insert("completions", completions, upsert=("request_id", "idx"))
             if feedback:
                 upsert_feedback(db, feedback)
 

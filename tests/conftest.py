@@ -25,6 +25,30 @@ def require_shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster (the machine's server binaries, as `.ci/run` ensures), one per run.
+    Missing binaries fail the test under CI=true and skip it elsewhere."""
+    from sandbox.postgres import PostgresCluster, PostgresUnavailable
+
+    try:
+        cluster = PostgresCluster().start()
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request, tmp_path):
+    """A fresh store of each backend: a new SQLite file, and a new database on the PostgreSQL cluster."""
+    if request.param == "sqlite":
+        return str(tmp_path / "iapo.db")
+    return request.getfixturevalue("postgres").create_database()
+
+
+@pytest.fixture(scope="session")
 def math_env():
     from policies.environments import MVEnvironment
 
