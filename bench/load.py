@@ -14,6 +14,8 @@ import asyncio
 import json
 import os
 import random
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,9 +50,12 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
 
 
 class Stack:
-    """Replay upstream + gateway as processes; restartable gateway (for crash tests)."""
+    """Replay upstream + gateway as processes; restartable gateway (for crash tests). `caps` go on every
+    tier, `store`, `limits` and `upstream` entries are merged into the config, `db_path` moves the store."""
 
-    def __init__(self, *, n: int, workers: int, transport: str, mix: bool, queue_size: int = 10_000) -> None:
+    def __init__(self, *, n: int, workers: int, transport: str, mix: bool, queue_size: int = 10_000,
+                 caps: dict | None = None, store: dict | None = None, limits: dict | None = None,
+                 upstream: dict | None = None, db_path: str | None = None) -> None:
         from gateway.config import hash_key
         from sandbox.demo import replay_route, replay_upstream
         from policies.environments import synthetic_bon, synthetic_mv
@@ -65,8 +70,8 @@ class Stack:
                                        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_up(f"{self.upstream}/v1/models", self.replay)
         mv, bon = synthetic_mv(0), synthetic_bon(0)
-        ups = {"mv": replay_upstream(self.upstream, "replay-mv", transport=transport, retries=2),
-               "bon": replay_upstream(self.upstream, "replay-bon", transport=transport, retries=2)}
+        ups = {"mv": replay_upstream(self.upstream, "replay-mv", transport=transport, retries=2, **(upstream or {})),
+               "bon": replay_upstream(self.upstream, "replay-bon", transport=transport, retries=2, **(upstream or {}))}
         routes = [replay_route("math", "mv", mv, base_url=self.upstream, env_name="replay-mv",
                                start={"default": {"prompt": "p4", "n": n}})]
         tiers = [{"name": "low", "cost_weight": 0.0}]
@@ -77,9 +82,14 @@ class Stack:
                                        start={"low": {"prompt": "p3", "n": 8}, "mid": {"prompt": "p3", "n": 4},
                                               "high": {"prompt": "p2", "n": 1}}))
             tiers = [{"name": t, "cost_weight": w} for t, w in (("low", 0.0), ("mid", 0.2), ("high", 1.0))]
+        if caps:
+            tiers = [{**t, "caps": caps} for t in tiers]
+        self.db = db_path or str(self.work / "iapo.db")
         self.config = {"upstreams": ups, "routes": routes, "tiers": tiers,
                        "api_keys": [{"hash": hash_key(k), "tier": t} for t, k in KEYS.items() if t in {x["name"] for x in tiers}],
-                       "store": {"path": str(self.work / "iapo.db"), "queue_size": queue_size}}
+                       "store": {"path": self.db, "queue_size": queue_size, **(store or {})}}
+        if limits:
+            self.config["limits"] = limits
         (self.work / "config.yaml").write_text(yaml.safe_dump(self.config))
         self.gateway: subprocess.Popen | None = None
         self.start_gateway()
@@ -113,6 +123,24 @@ class Stack:
     def faults(self, **switches) -> None:
         httpx.post(f"{self.upstream}/admin/faults", json=switches)
 
+    def upstream_calls(self) -> int:
+        """Chat calls the replay upstream has received so far."""
+        return httpx.get(f"{self.upstream}/admin/stats").json()["requests"]
+
+    def open_fds(self) -> int:
+        """Open files (sockets included) of the gateway process."""
+        return len(os.listdir(f"/proc/{self.gateway.pid}/fd"))
+
+    def health(self) -> tuple[int, dict]:
+        r = httpx.get(f"{self.url}/healthz", timeout=10)
+        return r.status_code, r.json()
+
+    def metric(self, name: str) -> float | None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return next((s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name), None)
+
     def kill_gateway(self, sig=signal.SIGKILL) -> None:
         os.killpg(self.gateway.pid, sig)
         self.gateway.wait(30)
@@ -128,8 +156,11 @@ class Stack:
 
 
 async def drive(url: str, *, seconds: float, concurrency: int, mix: bool, rate: float | None = None,
-                stream_share: float = 0.25, seed: int = 0) -> dict:
-    """Closed loop (or a fixed `rate` per second) for `seconds`; returns per-request outcomes."""
+                stream_share: float = 0.25, seed: int = 0, record: list | None = None,
+                stop: asyncio.Event | None = None) -> dict:
+    """Closed loop (or a fixed `rate` per second) for `seconds`; returns per-request outcomes. With
+    `record`, each non-streamed answer is also appended there as a dict (sent at, status, error code,
+    x-iapo-logged). Setting `stop` ends the run early (no new requests; those in flight finish)."""
     rng = random.Random(seed)
     results: list[tuple[int, float, str | None, int]] = []  # status, seconds, response id, n
     stop_at = time.monotonic() + seconds
@@ -146,14 +177,24 @@ async def drive(url: str, *, seconds: float, concurrency: int, mix: bool, rate: 
                 if body["stream"]:
                     async with client.stream("POST", "/v1/chat/completions", json=body,
                                              headers={"authorization": f"Bearer {KEYS[tier]}"}) as r:
-                        rid, n = None, int(r.headers.get("x-iapo-n", 0))
+                        rid, n, status = None, int(r.headers.get("x-iapo-n", 0)), r.status_code
                         async for line in r.aiter_lines():
-                            if line.startswith("data: {") and rid is None:
-                                rid = json.loads(line[6:])["id"]
-                        results.append((r.status_code, time.perf_counter() - t0, rid if r.status_code == 200 else None, n))
+                            if line.startswith("data: {"):
+                                event = json.loads(line[6:])
+                                if "error" in event:  # failed after the 200 went out (N > 1 streams start at once)
+                                    status = 502
+                                elif rid is None:
+                                    rid = event.get("id")
+                        results.append((status, time.perf_counter() - t0, rid if status == 200 else None, n))
                 else:
+                    sent = time.monotonic()
                     r = await client.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {KEYS[tier]}"})
                     ok = r.status_code == 200
+                    if record is not None:
+                        error = r.json().get("error") if not ok and r.headers.get("content-type", "").startswith(
+                            "application/json") else None
+                        record.append({"t0": sent, "status": r.status_code, "code": (error or {}).get("code"),
+                                       "logged": r.headers.get("x-iapo-logged")})
                     results.append((r.status_code, time.perf_counter() - t0, r.json()["id"] if ok else None,
                                     int(r.headers.get("x-iapo-n", 0))))
             except httpx.HTTPError:
@@ -162,14 +203,14 @@ async def drive(url: str, *, seconds: float, concurrency: int, mix: bool, rate: 
         if rate:
             tasks = []
             next_at = time.monotonic()
-            while time.monotonic() < stop_at:
+            while time.monotonic() < stop_at and not (stop and stop.is_set()):
                 tasks.append(asyncio.create_task(one()))
                 next_at += 1 / rate
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             await asyncio.gather(*tasks)
         else:
             async def worker():
-                while time.monotonic() < stop_at:
+                while time.monotonic() < stop_at and not (stop and stop.is_set()):
                     await one()
             await asyncio.gather(*(worker() for _ in range(concurrency)))
     return summarise(results, seconds)
@@ -184,6 +225,52 @@ def summarise(results, seconds: float) -> dict:
             "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
             "served": {rid: n for code, _, rid, n in results if code == 200 and rid}}
+
+
+class FailingDisk:
+    """A folder whose writes can be made to fail and recover: a small tmpfs filled up by a filler file
+    (deleting it recovers) where mounting is allowed (root), else RLIMIT_FSIZE = 0 on the gateway process
+    `pid` (Python ignores SIGXFSZ, so its writes fail with EFBIG; raised back to recover).
+    IAPO_FAILING_DISK=rlimit forces the latter."""
+
+    def __init__(self, folder: Path, size_mb: int = 32) -> None:
+        self.folder, self.pid = Path(folder), None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.filler = self.folder / "filler"
+        self.mode = "rlimit"
+        if os.environ.get("IAPO_FAILING_DISK") != "rlimit" and shutil.which("mount"):
+            mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(self.folder)],
+                                     capture_output=True)
+            if mounted.returncode == 0:
+                self.mode = "tmpfs"
+
+    def fail(self) -> None:
+        if self.mode == "tmpfs":
+            fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            try:
+                for chunk in (b"\0" * (1 << 20), b"\0" * 4096):
+                    try:
+                        while True:
+                            os.write(fd, chunk)
+                    except OSError:  # ENOSPC: this size no longer fits
+                        pass
+            finally:
+                os.close(fd)
+            st = os.statvfs(self.folder)
+            assert st.f_bavail * st.f_frsize < 4096, "the tmpfs still has room"
+        else:
+            resource.prlimit(self.pid, resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    def recover(self) -> None:
+        if self.mode == "tmpfs":
+            os.unlink(self.filler)
+        else:
+            hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+            resource.prlimit(self.pid, resource.RLIMIT_FSIZE, (hard, hard))
+
+    def close(self) -> None:
+        if self.mode == "tmpfs" and subprocess.run(["umount", str(self.folder)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(self.folder)], capture_output=True)
 
 
 def check_store(db_path: str, served: dict[str, int]) -> dict:

@@ -79,10 +79,14 @@ def create_app(settings: Settings, config_path: str | None = None) -> Starlette:
         return JSONResponse(model_object(target.name, "iapo" if target.kind == "route" else "upstream"))
 
     async def healthz(request: Request) -> Response:
-        store = service.store_health() if service.writer else {"state": "starting"}
-        ok = store["state"] == "ok"
-        return JSONResponse({"status": "ok" if ok else "degraded", "policy_version": service.policy.version,
-                             "store": store, "log_queue": store.get("queue", 0)}, status_code=200 if ok else 503)
+        """200 while requests are admitted ("degraded" when the store fails but `buffer` has room), else 503."""
+        if not service.writer:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        store = service.store_health()
+        serving = service.serving()
+        status = "ok" if store["state"] == "ok" else "degraded" if serving else "unavailable"
+        return JSONResponse({"status": status, "policy_version": service.policy.version, "store": store,
+                             "log_queue": store.get("queue", 0)}, status_code=200 if serving else 503)
 
     async def metrics(request: Request) -> Response:
         if service.writer:

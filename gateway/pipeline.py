@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from gateway.service import GatewayService
 
 log = logging.getLogger("iapo.pipeline")
+# in a stream, what the x-iapo-logged header says elsewhere: its rows wait in memory (the store is failing)
+LOGGED_PENDING = b": x-iapo-logged pending\n\n"
 OWNED_ON_ROUTES = ("model", "messages", "n", "stream", "stream_options")
 
 
@@ -334,6 +336,8 @@ class Pipeline:
         """N > 1: draw and choose (keep-alives meanwhile), then the chosen completion as chunks."""
         try:
             outcome = await self._serve_route(rt, call, ticket, relay)
+            if outcome.headers.get("x-iapo-logged") == "pending":
+                relay.put(LOGGED_PENDING)
             for chunk in chat_chunks(outcome.body, include_usage=call.include_usage):
                 relay.put(chunk)
         except GatewayError as err:
@@ -356,11 +360,15 @@ class Pipeline:
             body["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
         builder, texts, tokens, status = MessageBuilder(), [], None, 200
         start = time.monotonic()
+        ending = b""  # [DONE] goes out once the request is logged: acknowledged means logged, for streams too
         try:
             async with plan.upstream.stream(call.endpoint, body) as events:
                 relay.open()
                 async for event in events:
                     data = event.data
+                    if event.done:
+                        ending = event.raw
+                        continue
                     tokens = tokens_of(call.endpoint, data) or tokens
                     if call.endpoint == "chat" and data is not None:
                         builder.add(data)
@@ -386,7 +394,6 @@ class Pipeline:
             relay.open(GatewayError(500, "The gateway failed to serve this request.", type="server_error"))
             record.error = repr(exc)[:300]
         finally:
-            relay.close()
             ticket.upstream_s = time.monotonic() - start
             try:
                 completions = self._streamed(call.endpoint, builder, texts, tokens, plan, ticket, status,
@@ -395,12 +402,18 @@ class Pipeline:
                 if relay.client_gone and status == 200:
                     status = 499  # the client closed the connection before the end (nginx's code)
                 choice = None
-                if routed and completions and not completions[0].error:
+                if routed and plan.route.aggregator == "mv" and completions and not completions[0].error:
+                    # N = 1: nothing to choose; the vote answer is recorded (feedback scores it). A BoN route's
+                    # scorers are not called for one streamed completion, so the stream's end is not held up.
                     choice = await choose(self.service.rt, plan.route, ticket.caller.tier, plan.body["messages"],
                                           completions, self.service.rng)
                     record.chosen_index, record.chosen_answer = 0, choice.info.get("answer")
-                await self._finish(ticket, status, completions, choice=choice, error=record.error)
+                if await self._finish(ticket, status, completions, choice=choice, error=record.error) is False:
+                    relay.put(LOGGED_PENDING)
             finally:
+                if ending:
+                    relay.put(ending)
+                relay.close()
                 self._end(ticket)
 
     def _routed_chunk(self, data: dict, ticket: Ticket) -> dict:

@@ -66,15 +66,15 @@ class GatewayService:
         self.http = httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
         self.rt = self._build_runtime(s)
         await asyncio.to_thread(self.rt.prepare)
-        self.db = open_database(s.store.path)
+        self.db = open_database(s.store.url)
         self.policies = PolicyStore(self.db)
         # the ledger's transactions run on one thread of their own: a slow or locked store never stalls the loop
-        self.ledger = SpendLedger(open_database(s.store.path))
+        self.ledger = SpendLedger(open_database(s.store.url))
         self._ledger_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iapo-ledger")
-        self.access = Access(KeyStore(open_database(s.store.path)))
+        self.access = Access(KeyStore(open_database(s.store.url)))
         # the spend gauges read through a connection of their own, in the thread that renders /metrics
-        self.metrics.attach_ledger(SpendLedger(open_database(s.store.path)), lambda: self.settings)
-        self.writer = LogWriter(s.store.path, max_queue=s.store.queue_size, batch_size=s.store.batch_size)
+        self.metrics.attach_ledger(SpendLedger(open_database(s.store.url)), lambda: self.settings)
+        self.writer = LogWriter(s.store.url, max_queue=s.store.queue_size, batch_size=s.store.batch_size)
         released = await self._in_ledger_thread(self._release_expired)
         if released:
             log.info("released %d expired reservation(s) left by an earlier process", released)
@@ -100,7 +100,7 @@ class GatewayService:
         for old, keep in self._retired:
             await old.aclose(keep)
         await self.rt.aclose()
-        self.db.conn.close()
+        self.db.close()
 
     def track(self, task: asyncio.Task) -> None:
         """Keep a stream's producer alive past its request (and let stop() wait for it)."""
@@ -127,8 +127,8 @@ class GatewayService:
         old = self.rt
         try:
             settings = await asyncio.to_thread(load_config, self.config_path)
-            if settings.store.path != self.settings.store.path:
-                raise ConfigError("store.path cannot change while serving; restart to move the store")
+            if settings.store.url != self.settings.store.url:
+                raise ConfigError("store.url cannot change while serving; restart to move the store")
             runtime = self._build_runtime(settings, reuse=old.upstreams)
             await asyncio.to_thread(runtime.prepare)
         except ConfigError as exc:
@@ -194,16 +194,27 @@ class GatewayService:
             log.warning("settle deferred (%s): $%.6f, %d tokens", exc, dollars, tokens)
             if len(self._deferred) < MAX_DEFERRED_SETTLES:
                 self._deferred.append((reservation, dollars, tokens))
+            else:
+                log.error("too many deferred settles (%d): $%.6f of spend is not booked; its reservation holds "
+                          "the room until it expires", MAX_DEFERRED_SETTLES, dollars)
             self.metrics.deferred_settles.set(len(self._deferred))
 
     async def log(self, item: RequestLog) -> bool | None:
         """Queue a request's rows; with `store.ack: after_commit`, wait (boundedly) for their commit.
         True: committed. False: still queued (the store is failing). None: not waited for."""
         store = self.settings.store
+        if store.ack == "after_commit" and self.writer.state == "failing":
+            await self.writer.submit(item)  # no commit is coming soon: say so now instead of after ack_timeout
+            return False
         if store.ack == "after_commit":
             return await self.writer.submit(item, wait=True, timeout=store.ack_timeout)
         await self.writer.submit(item)
         return None
+
+    def serving(self) -> bool:
+        """Whether new requests are admitted now (what a readiness probe should follow): the store is
+        writing, or `buffer` still has room."""
+        return self.writer.admits(self.settings.store.on_write_failure)
 
     def store_health(self) -> dict:
         w = self.writer
