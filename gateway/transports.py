@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-import httpx
 
 from gateway.config import Upstream
 
@@ -73,72 +72,99 @@ def _retry_after(headers) -> float | None:
 
 
 class DirectTransport:
-    """Pooled keep-alive HTTP to an OpenAI-compatible api_base; bodies and events forwarded verbatim."""
+    """Pooled keep-alive HTTP to an OpenAI-compatible api_base; bodies and events forwarded verbatim.
+
+    aiohttp, not httpx: on the request path httpx's connection pool costs about 2 ms of CPU per call
+    here (bench/README.md), more than the rest of the gateway; aiohttp comes with litellm anyway."""
 
     def __init__(self, config: Upstream) -> None:
-        self.base = config.base_url()
+        self.url = {endpoint: config.base_url() + path for endpoint, path in ENDPOINT_PATHS.items()}
         key = config.api_key()
-        self.headers = {"authorization": f"Bearer {key}"} if key else {}
-        limits = httpx.Limits(max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency)
-        self.http = httpx.AsyncClient(limits=limits)
+        self.headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+        self.max_connections = config.max_concurrency
+        self._session = None  # made in the event loop that uses it
+
+    def session(self):
+        import aiohttp
+
+        if self._session is None or self._session.closed:
+            # keep-alive shorter than the usual server's 5 s, so a connection the server closed is not reused
+            connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=4, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
+                                                  skip_auto_headers=("User-Agent",))
+        return self._session
 
     async def aclose(self) -> None:
-        await self.http.aclose()
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
 
     async def post(self, endpoint: str, body: dict, timeout: float) -> Reply:
+        import aiohttp
+
         try:
-            r = await self.http.post(self.base + ENDPOINT_PATHS[endpoint], content=_dumps(body),
-                                     headers={**self.headers, "content-type": "application/json"}, timeout=timeout)
-        except httpx.TimeoutException:
+            async with self.session().post(self.url[endpoint], data=_dumps(body), headers=self.headers,
+                                           timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                content = await r.read()
+                status, headers = r.status, r.headers
+        except asyncio.TimeoutError:
             raise UpstreamError("timeout", f"upstream timed out after {timeout:.1f}s") from None
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             raise UpstreamError("connection", f"upstream connection failed: {exc!r}") from None
-        if r.status_code >= 400:
-            raise _status_error(r.status_code, r.content, r.headers)
+        if status >= 400:
+            raise _status_error(status, content, headers)
         try:
-            parsed = json.loads(r.content)
+            parsed = json.loads(content)
         except ValueError:
-            raise UpstreamError("server", f"upstream answered {r.status_code} with a body that is not JSON") from None
+            raise UpstreamError("server", f"upstream answered {status} with a body that is not JSON") from None
         if not isinstance(parsed, dict):
-            raise UpstreamError("server", f"upstream answered {r.status_code} with JSON that is not an object")
-        return Reply(parsed, r.content, dict(r.headers))
+            raise UpstreamError("server", f"upstream answered {status} with JSON that is not an object")
+        return Reply(parsed, content, dict(headers))
 
     @contextlib.asynccontextmanager
     async def stream(self, endpoint: str, body: dict, timeout: float) -> AsyncIterator[AsyncIterator[Event]]:
         """Open the stream (a provider error before the first event raises UpstreamError), yield its events."""
-        request = self.http.build_request("POST", self.base + ENDPOINT_PATHS[endpoint], content=_dumps(body),
-                                          headers={**self.headers, "content-type": "application/json",
-                                                   "accept": "text/event-stream"}, timeout=timeout)
+        import aiohttp
+
         try:
-            response = await self.http.send(request, stream=True)
-        except httpx.TimeoutException:
+            response = await self.session().post(self.url[endpoint], data=_dumps(body),
+                                                 headers={**self.headers, "accept": "text/event-stream"},
+                                                 timeout=aiohttp.ClientTimeout(total=timeout))
+        except asyncio.TimeoutError:
             raise UpstreamError("timeout", f"upstream timed out after {timeout:.1f}s") from None
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             raise UpstreamError("connection", f"upstream connection failed: {exc!r}") from None
         try:
-            if response.status_code >= 400:
-                raise _status_error(response.status_code, await response.aread(), response.headers)
+            if response.status >= 400:
+                raise _status_error(response.status, await response.read(), response.headers)
             yield _events(response)
         finally:
-            await response.aclose()
+            response.release()
 
 
-async def _events(response: httpx.Response) -> AsyncIterator[Event]:
+async def _events(response) -> AsyncIterator[Event]:
     """Split an SSE byte stream into events (blank-line separated), keeping each event's bytes."""
+    import aiohttp
+
     lines: list[str] = []
+    pending = b""
     try:
-        async for line in response.aiter_lines():
-            if line:
-                lines.append(line)
-                continue
-            if lines:
-                yield _event(lines)
-                lines = []
+        async for data in response.content.iter_any():  # no line-length limit: a chunk may carry a long line
+            pending += data
+            *complete, pending = pending.split(b"\n")
+            for raw_line in complete:
+                line = raw_line.decode("utf-8", "replace").rstrip("\r")
+                if line:
+                    lines.append(line)
+                elif lines:
+                    yield _event(lines)
+                    lines = []
+        if pending.strip():
+            lines.append(pending.decode("utf-8", "replace").rstrip("\r"))
         if lines:
             yield _event(lines)
-    except httpx.TimeoutException:
+    except asyncio.TimeoutError:
         raise UpstreamError("timeout", "upstream stream timed out") from None
-    except httpx.TransportError as exc:
+    except aiohttp.ClientError as exc:
         raise UpstreamError("connection", f"upstream stream broke: {exc!r}") from None
 
 
@@ -190,6 +216,10 @@ class LitellmTransport:
     def __init__(self, config: Upstream) -> None:
         import litellm  # imported on first use: ~5 s, and only upstreams that need translation pay it
 
+        litellm.suppress_debug_info = True
+        litellm.telemetry = False
+        for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):  # a line per call (twice with basicConfig)
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.litellm = litellm
         self.config = config
         self.functions = {"chat": litellm.acompletion, "completions": litellm.atext_completion,
