@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway.access import Access
+from gateway.admin import admin_routes
 from gateway.config import Settings
 from gateway.connections import BodyLimit
 from gateway.errors import GatewayError, internal_error, invalid, model_not_found, not_found
@@ -140,6 +141,7 @@ def create_app(settings: Settings, config_path: str | None = None) -> Starlette:
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/v1/feedback", feedback, methods=["POST"]),
+            *admin_routes(service),
         ],
         exception_handlers={HTTPException: unknown_path, Exception: unexpected},
         lifespan=lifespan,

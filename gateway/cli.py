@@ -155,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     ks = p.add_subparsers(dest="action", required=True)
     s = ks.add_parser("hash", help="print the sha256 form to put under api_keys in the config")
     s.add_argument("key")
-    s = ks.add_parser("create", help="create a key for a tier; prints it once")
-    s.add_argument("--tier", required=True)
+    s = ks.add_parser("create", help="create a key for a tier (or an admin key); prints it once")
+    s.add_argument("--tier")
     s.add_argument("--name")
+    s.add_argument("--admin", action="store_true", help="a key for the console (/admin, /ui), not for models")
     ks.add_parser("list")
     s = ks.add_parser("revoke", help="revoke by name or hash prefix")
     s.add_argument("key")
@@ -191,6 +192,7 @@ def run_command(args) -> int:
 
     from gateway.cli_store import CliError
     from gateway.config import ConfigError
+    from gateway.console import ConsoleError
     from store.errors import StoreError
 
     try:
@@ -198,6 +200,9 @@ def run_command(args) -> int:
     except CliError as exc:
         print(f"iapo: {exc}", file=sys.stderr)
         return exc.code
+    except ConsoleError as exc:
+        print(f"iapo: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"iapo: {exc}", file=sys.stderr)
         return 2

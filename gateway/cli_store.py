@@ -184,19 +184,23 @@ def cmd_keys(args) -> int:
     settings = settings_of(args)
     keys = KeyStore(open_store(args, must_exist=args.action == "list"))
     if args.action == "create":
-        if args.tier not in {t.name for t in settings.tiers}:
-            raise CliError(f"tier {args.tier!r} is not one of {[t.name for t in settings.tiers]}")
-        key = keys.create(args.tier, args.name or "")
-        print(f"{key}\n(store it now: only its hash is kept; tier {args.tier})")
+        from gateway.console import create_key
+
+        secret, record = create_key(keys, settings, tier=args.tier, name=args.name, admin=args.admin)
+        what = "admin key" if args.admin else f"key for tier {args.tier}"
+        print(f"{secret}\n(store it now: only its hash is kept; {what}, name {record.name}, id {record.id})")
         return 0
     if args.action == "list":
         for k in keys.list():
-            state = "revoked" if k["revoked"] else "active"
-            print(f"  {k['name'] or '-':16s} {k['tier']:10s} {state:8s} {k['hash'][:23]}…")
+            state = "revoked" if k.revoked else "active"
+            print(f"  {k.name or '-':16s} {k.role:6s} {k.tier or '-':10s} {state:8s} {k.id}")
         return 0
-    revoked = keys.revoke(args.key)
-    if not revoked:
-        raise CliError(f"no active key named {args.key!r} (or with that hash prefix)", code=1)
+    from gateway.console import ConsoleError, revoke_key
+
+    try:
+        revoked = revoke_key(keys, args.key)
+    except ConsoleError as exc:
+        raise CliError(str(exc), code=1) from None
     print(f"revoked {revoked} key(s)")
     return 0
 

@@ -207,6 +207,13 @@ class ApiKey(Strict):
     models: list[str] | None = None  # narrows the tier's models for this key
 
 
+class AdminKey(Strict):
+    """A key for the operator's console (/admin, /ui), stored as `sha256:<hex>`; it cannot call models."""
+
+    hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    name: str
+
+
 class AccessConfig(Strict):
     """Who may call: `require_key` refuses anonymous callers (401); otherwise they get `default_tier`."""
 
@@ -314,6 +321,7 @@ class Settings(BaseSettings):
     tiers: list[Tier] = Field(default_factory=lambda: [Tier(name="default")])
     default_tier: str | None = None
     api_keys: list[ApiKey] = Field(default_factory=list)
+    admin_keys: list[AdminKey] = Field(default_factory=list)
     access: AccessConfig = Field(default_factory=AccessConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     limits: Limits = Field(default_factory=Limits)
@@ -336,6 +344,8 @@ class Settings(BaseSettings):
         for i, key in enumerate(self.api_keys):
             if key.tier not in tiers:
                 raise ValueError(f"api_keys.{i}.tier {key.tier!r} is not a tier {tiers}")
+        if {k.hash for k in self.api_keys} & {k.hash for k in self.admin_keys}:
+            raise ValueError("a key cannot be both an api key and an admin key")
         names = [r.model for r in self.routes]
         if len(set(names)) != len(names):
             raise ValueError(f"route models must be unique, got {names}")

@@ -38,6 +38,47 @@ def _components() -> tuple[dict, dict]:
     return schemas, requests
 
 
+ADMIN = {  # path: (method, operationId, summary, body schema or None)
+    "/admin/keys": [("get", "adminListKeys", "caller and admin keys (never their secrets)", None),
+                    ("post", "adminCreateKey", "create a key; its secret is in this answer only", {
+                        "type": "object", "properties": {"tier": {"type": "string"}, "name": {"type": "string"},
+                                                         "admin": {"type": "boolean"},
+                                                         "models": {"type": "array", "items": {"type": "string"}},
+                                                         "caps": {"type": "object"}}})],
+    "/admin/keys/{key}/revoke": [("post", "adminRevokeKey", "revoke a key by name or id", None)],
+    "/admin/spend": [("get", "adminSpend", "spend against every tier and key cap in its current window", None)],
+    "/admin/policies": [("get", "adminPolicyVersions", "policy versions", None)],
+    "/admin/policies/diff": [("get", "adminPolicyDiff", "what changed between versions a and b", None)],
+    "/admin/policies/rollback": [("post", "adminRollback", "publish a copy of an older version", {
+        "type": "object", "required": ["version"], "properties": {"version": {"type": "integer"}}})],
+    "/admin/policies/{version}": [("get", "adminPolicy", "one version with each tier's ranked arms", None)],
+    "/admin/training/runs": [("get", "adminTrainingRuns", "training runs", None)],
+    "/admin/training/runs/{run_id}": [("get", "adminTrainingRun", "one training run and its report", None)],
+    "/admin/requests": [("get", "adminRequests", "recent requests (filter by route, tier, status, kind)", None)],
+    "/admin/requests/{request_id}": [("get", "adminRequest", "one request with its N completions", None)],
+    "/admin/config": [("get", "adminConfig", "the running config, secrets redacted", None)],
+    "/admin/actions": [("get", "adminActions", "what each admin key did", None)],
+}
+
+
+def _admin_paths() -> dict:
+    paths = {}
+    for path, operations in ADMIN.items():
+        params = [{"name": p.strip("{}"), "in": "path", "required": True, "schema": {"type": "string"}}
+                  for p in path.split("/") if p.startswith("{")]
+        paths[path] = {}
+        for method, operation, summary, body in operations:
+            op = {"operationId": operation, "summary": summary, "security": [{"adminKey": []}],
+                  "responses": {"200": {"description": summary, **_json({"type": "object"})},
+                                **_errors(400, 401, 403, 404, 409)}}
+            if params:
+                op["parameters"] = params
+            if body:
+                op["requestBody"] = {"required": False, **_json(body)}
+            paths[path][method] = op
+    return paths
+
+
 @lru_cache(maxsize=1)
 def openapi_document() -> dict:
     schemas, requests = _components()
@@ -62,10 +103,13 @@ def openapi_document() -> dict:
     paths["/v1/feedback"] = {"post": {
         "operationId": "createFeedback", "requestBody": {"required": True, **_json(FEEDBACK)},
         "responses": {"200": {"description": "recorded", **_json({"type": "object"})}, **_errors(400, 401, 404)}}}
+    paths.update(_admin_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "iapo-gateway", "version": "0.2.0",
                  "description": "OpenAI-compatible gateway that chooses prompt and N per route and budget tier."},
         "paths": paths,
-        "components": {"schemas": schemas},
+        "components": {"schemas": schemas, "securitySchemes": {
+            "adminKey": {"type": "http", "scheme": "bearer", "description": "an admin key (iapo keys create --admin)"},
+            "callerKey": {"type": "http", "scheme": "bearer"}}},
     }

@@ -154,10 +154,11 @@ class Pipeline:
                 raise invalid(f"'n' must be 1 for the routed model `{target.name}`: the gateway chooses how many "
                               "completions to draw and returns the best one.", param="n")
             route = rt.settings.route(target.name)
-            return self._route_plan(rt, call, tier, target, route, self.service.arm_for(route, tier, rt))
+            return self._route_plan(rt, call, tier, target, route, self.service.arm_for(route, tier, rt),
+                                    caller.key_caps)
         upstream = rt.upstreams[target.name]
         body = {**call.body, "model": upstream.config.wire_model}
-        limited = _limit_if_bounded(call.endpoint, body, tier, rt)
+        limited = _limit_if_bounded(call.endpoint, body, tier, rt, caller.key_caps)
         b = bound(call.endpoint, body, rt.settings.limits.default_max_tokens)
         n = b.completions
         if tier.max_n is not None and n > tier.max_n:
@@ -171,11 +172,12 @@ class Pipeline:
                           code="request_cost_above_limit")
         return Plan(target, upstream, body, n, worst, tokens, limited=limited, bound=b, completion_worst=worst)
 
-    def _route_plan(self, rt: Runtime, call: ApiCall, tier, target: Target, route, arm: Arm) -> Plan:
+    def _route_plan(self, rt: Runtime, call: ApiCall, tier, target: Target, route, arm: Arm,
+                    key_caps: dict | None = None) -> Plan:
         upstream = rt.upstreams[route.upstream]
         body, overridden = apply_arm(route, arm.prompt_id, call.body, OWNED_ON_ROUTES)
         body["model"] = upstream.config.wire_model
-        limited = _limit_if_bounded("chat", body, tier, rt)
+        limited = _limit_if_bounded("chat", body, tier, rt, key_caps)
         worst, completion_worst, tokens, b = rt.route_worst_case(route, body)
         n = clamp_n(arm.n, route_n_max=route.n_max, tier_max_n=tier.max_n,
                     max_cost_per_request=tier.max_cost_per_request, worst_cost_per_completion=worst)
@@ -189,7 +191,7 @@ class Pipeline:
         for ranked in self.service.policy.alternatives(plan.route.model, tier.name):
             if ranked.arm == plan.arm or not any(p.id == ranked.prompt_id for p in plan.route.prompts):
                 continue
-            alt = self._route_plan(rt, call, tier, plan.target, plan.route, ranked.arm)
+            alt = self._route_plan(rt, call, tier, plan.target, plan.route, ranked.arm, ticket.caller.key_caps)
             if alt.n == ranked.n:
                 plans.append(alt)
         return plans
@@ -198,7 +200,7 @@ class Pipeline:
         """Book the worst case under every cap of the caller's tier and key: 429, 503, or (degrade) the
         best ranked arm that fits (another prompt, or fewer completions when nothing is ranked)."""
         plan, caller = ticket.plan, ticket.caller
-        caps = rt.caps(caller.tier, caller.key_id)
+        caps = rt.caps(caller.tier, caller.key_id, caller.key_caps)
         if not caps:
             return
         svc = self.service
@@ -524,10 +526,10 @@ class Pipeline:
         return headers
 
 
-def _limit_if_bounded(endpoint: str, body: dict, tier, rt: Runtime) -> str | None:
-    """On a tier with caps or a cost cap, a request that sets no token limit gets the default one, so
-    what is reserved is a real bound; returns the field added."""
-    bounded = tier.caps or tier.key_caps or tier.max_cost_per_request is not None
+def _limit_if_bounded(endpoint: str, body: dict, tier, rt: Runtime, key_caps: dict | None) -> str | None:
+    """On a tier (or key) with caps or a cost cap, a request that sets no token limit gets the default
+    one, so what is reserved is a real bound; returns the field added."""
+    bounded = tier.caps or tier.key_caps or key_caps or tier.max_cost_per_request is not None
     if not bounded or endpoint == "embeddings" or token_limit(endpoint, body) is not None:
         return None
     field_name = INJECTED_LIMIT_FIELD[endpoint]

@@ -100,11 +100,17 @@ class Runtime:
         extract = self.extractors.get(route) if route else None
         return (extract(f"Final answer: {gold}") if extract else None) or str(gold).strip()
 
-    def caps(self, tier: Tier, key_id: str | None) -> list[Cap]:
-        """The spend caps a request of this tier (and key) must fit under."""
+    def caps(self, tier: Tier, key_id: str | None, key_caps: dict | None = None) -> list[Cap]:
+        """The spend caps a request of this tier (and key) must fit under; a key created with caps of its
+        own has those instead of its tier's `key_caps`."""
         caps = [Cap(f"tier:{tier.name}", window, limit.dollars, limit.tokens) for window, limit in tier.caps.items()]
         if key_id is not None:
-            caps += [Cap(f"key:{key_id}", window, limit.dollars, limit.tokens) for window, limit in tier.key_caps.items()]
+            if key_caps is not None:
+                caps += [Cap(f"key:{key_id}", window, limit.get("dollars"), limit.get("tokens"))
+                         for window, limit in key_caps.items()]
+            else:
+                caps += [Cap(f"key:{key_id}", window, limit.dollars, limit.tokens)
+                         for window, limit in tier.key_caps.items()]
         return caps
 
     def models(self) -> list[tuple[str, str]]:

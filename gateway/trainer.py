@@ -88,6 +88,10 @@ class TrainingReport:
     rounds: list[dict] = field(default_factory=list)
     changes: list[TierChange] = field(default_factory=list)
     feasible: dict[str, dict[str, int]] = field(default_factory=dict)
+    # per tier, after each round: (prompt, N, estimated value) of the arm the engine would choose then
+    trajectory: dict[str, list] = field(default_factory=dict)
+    # per tier, the estimated value at each feasible N of its best few prompts (value-versus-N curves)
+    curves: dict[str, dict[str, list]] = field(default_factory=dict)
     wall_s: float = 0.0
 
 
@@ -143,7 +147,12 @@ class RouteTrainer:
             if self.run_row is not None:
                 runs.finish(self.run_row.run_id, report.status, {
                     "completions": report.completions, "dollars": report.dollars, "version": report.version,
-                    "message": report.message, "replayed_completions": report.replayed_completions})
+                    "message": report.message, "replayed_completions": report.replayed_completions,
+                    "saved_completions": report.saved_completions, "trajectory": report.trajectory,
+                    "curves": report.curves, "changes": [
+                        {"tier": c.tier, "old": [c.old.prompt_id, c.old.n], "new": [c.new.prompt_id, c.new.n],
+                         "old_value": _num(c.old_value), "new_value": _num(c.new_value), "new_se": _num(c.new_se)}
+                        for c in report.changes]})
             if locked:
                 lock.release()
             lock.db.close()
@@ -317,6 +326,9 @@ class RouteTrainer:
                 report.dollars += sum(float(np.sum(o.costs)) for _, o in bought)
                 report.rounds.append({"pulls": len(told), "completions": sum(p[1] for p, _ in told),
                                       "replayed": sum(1 for p, _ in told) - len(bought)})
+                for tier, (prompt_id, n) in engine.policy().items():
+                    report.trajectory.setdefault(tier, []).append(
+                        [report.completions, prompt_id, n, _num(engine.estimate(tier, prompt_id, n)[0])])
                 await asyncio.to_thread(runs.progress, report.run_id, report.completions, report.dollars)
                 if self.on_progress:
                     self.on_progress(RoundProgress(self.route.model, len(report.rounds), report.completions,
@@ -327,6 +339,12 @@ class RouteTrainer:
             if self._writer is None:
                 await asyncio.to_thread(writer.close)
             ledger.db.close()
+
+    def _curves(self, engine: PSST, feasible: dict[str, dict[str, int]], top: int = 3) -> dict[str, dict[str, list]]:
+        values = np.asarray(engine.estimates.mean(), dtype=float)  # (contexts, prompts, N)
+        return {tier: _top_curves(values[c], engine.prompts,
+                                  np.array([feasible[tier][p] for p in engine.prompts]), top)
+                for c, tier in enumerate(engine.context_names)}
 
     def _body(self, prompt_id: str, messages: list[dict]) -> dict:
         body, _ = apply_arm(self.route, prompt_id, {"messages": messages}, ("messages",))
@@ -383,6 +401,7 @@ class RouteTrainer:
                 if prev.prompt_id in engine.prompt_index else float("nan")
             ranked = list(engine.ranked(tier))
             report.changes.append(TierChange(tier, prev, Arm(prompt_id, n), old_value, new_value, new_se, ranked))
+        report.curves = self._curves(engine, report.feasible)
         complete = engine.finished and report.status != "partial"
         if not (complete or publish_partial):
             report.status = "unpublished"
@@ -392,6 +411,14 @@ class RouteTrainer:
         report.version = PolicyStore(db).publish(entries, run_id=report.run_id,
                                                  note=f"iapo train {route.model}" + ("" if complete else " (partial)"))
         report.status = "published" if complete else "partial"
+
+
+async def _top_curves(values: np.ndarray, prompts: list[str], limit: np.ndarray, top: int) -> dict[str, list]:
+    """The `top` prompts by their best value, each with its value at every N up to its feasible limit."""
+    finite = np.where(np.isfinite(values), values, -np.inf)
+    best = finite.max(axis=1)
+    order = [int(p) for p in np.argsort(-best, kind="stable") if np.isfinite(best[p])][:top]
+    return {prompts[p]: [_num(float(v)) for v in values[p, :int(limit[p])]] for p in order}
 
 
 async def _keep_leased(lock: TrainingLock) -> None:

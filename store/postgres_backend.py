@@ -177,13 +177,22 @@ def ddl(name: str, table: Table) -> list[str]:
 
 
 def _v1_baseline(db: PostgresDatabase) -> None:
-    """Version 1 on PostgreSQL is SQLite's version 6: every table as `store.schema` declares it."""
+    """Version 1 on PostgreSQL: every table as `store.schema` declares it (the later steps then find
+    their changes made already)."""
     for name, table in TABLES.items():
         for statement in ddl(name, table):
             db.execute(statement)
 
 
-MIGRATIONS = [_v1_baseline]
+def _v2_key_roles_and_admin_actions(db: PostgresDatabase) -> None:
+    """SQLite's version 7: api_keys.role/models/caps and admin_actions (no-ops on a database created after)."""
+    for column in ("role", "models", "caps"):
+        db.execute(f'ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS "{column}" TEXT')
+    for statement in ddl("admin_actions", TABLES["admin_actions"]):
+        db.execute(statement)
+
+
+MIGRATIONS = [_v1_baseline, _v2_key_roles_and_admin_actions]
 
 
 def _mapped(exc: Exception) -> Exception:

@@ -53,7 +53,10 @@ TABLES: dict[str, Table] = {
          "owner": str, "expires": float},
         ("id", "scope", "window", "window_start"), (("scope", "window", "window_start", "expires"),)),
     "settled_reservations": Table({"id": str, "settled": float}, ("id",), (("settled",),)),
-    "api_keys": Table({"hash": str, "tier": str, "name": str, "created": float, "revoked": float}, ("hash",)),
+    "api_keys": Table({"hash": str, "tier": str, "name": str, "created": float, "revoked": float, "role": str,
+                       "models": str, "caps": str}, ("hash",)),
+    "admin_actions": Table({"id": str, "created": float, "admin": str, "action": str, "target": str, "detail": str},
+                           ("id",), (("created",),)),
     "training_locks": Table(
         {"route": str, "run_id": str, "pid": int, "acquired": float, "host": str, "expires": float}, ("route",)),
     "training_runs": Table(

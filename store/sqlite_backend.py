@@ -153,9 +153,21 @@ def _v6_training_lock_lease(db: sqlite_utils.Database) -> None:
         db["training_locks"].add_column("expires", float)
 
 
+def _v7_key_roles_and_admin_actions(db: sqlite_utils.Database) -> None:
+    """api_keys.role ('caller' or 'admin'), .models and .caps (JSON: a key's own model list and spend caps);
+    admin_actions: what each admin key did, and when."""
+    existing = db["api_keys"].columns_dict
+    for column in ("role", "models", "caps"):
+        if column not in existing:
+            db["api_keys"].add_column(column, str)
+    db["admin_actions"].create({"id": str, "created": float, "admin": str, "action": str, "target": str,
+                                "detail": str}, pk="id", if_not_exists=True)
+    db["admin_actions"].create_index(["created"], if_not_exists=True)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_base_schema, _v2_request_columns, _v3_reservations, _v4_feedback_per_target,
-    _v5_training_runs_and_ranked_arms, _v6_training_lock_lease,
+    _v5_training_runs_and_ranked_arms, _v6_training_lock_lease, _v7_key_roles_and_admin_actions,
 ]
 LATEST_VERSION = len(MIGRATIONS)
 

@@ -159,7 +159,7 @@ def test_policy_versions_publish_concurrently_and_roll_back(store_url):
 
 def test_keys_revocation_is_seen_through_another_connection(store_url):
     keys = KeyStore(open_database(store_url))
-    key = keys.create("gold", "ci")
+    key, _ = keys.create("gold", "ci")
     other = KeyStore(open_database(store_url))
     from store.keys import hash_key
 
