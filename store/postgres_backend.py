@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import Iterator
 
 from store.errors import Conflict, StoreUnavailable
-from store.result import Result, insert_sql
+from store.result import Result, SharedOperations
 from store.schema import TABLES, Table
 
 POOL_MAX = 16
@@ -64,7 +64,7 @@ def lock_id(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
 
 
-class PostgresDatabase:
+class PostgresDatabase(SharedOperations):
     """The store on a PostgreSQL database; safe to share across threads (each transaction holds its own
     pooled connection for the thread that runs it)."""
 
@@ -102,14 +102,6 @@ class PostgresDatabase:
                 cursor.executemany(_pg(sql), list(rows))
         except Exception as exc:
             raise _mapped(exc) from exc
-
-    def query(self, sql: str, params=()) -> list[dict]:
-        return self.execute(sql, params).dicts()
-
-    def insert(self, table: str, rows: list[dict], *, upsert: tuple[str, ...] | None = None) -> None:
-        if rows:
-            sql, values = insert_sql(table, rows, upsert)
-            self.executemany(sql, values)
 
     @contextlib.contextmanager
     def transaction(self, *locks: str) -> Iterator["PostgresDatabase"]:

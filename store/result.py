@@ -37,3 +37,16 @@ def insert_sql(table: str, rows: list[dict], upsert: tuple[str, ...] | None) -> 
         keys = ", ".join(f'"{c}"' for c in upsert)
         sql += f" ON CONFLICT ({keys}) DO " + (f"UPDATE SET {updates}" if updates else "NOTHING")
     return sql, [tuple(row.get(c) for c in columns) for row in rows]
+
+
+class SharedOperations:
+    """What both backends build on their own `execute` and `executemany`."""
+
+    def query(self, sql: str, params=()) -> list[dict]:
+        return self.execute(sql, params).dicts()
+
+    def insert(self, table: str, rows: list[dict], *, upsert: tuple[str, ...] | None = None) -> None:
+        """Insert rows (all with the same keys); with `upsert`, a row whose key exists replaces its columns."""
+        if rows:
+            sql, values = insert_sql(table, rows, upsert)
+            self.executemany(sql, values)

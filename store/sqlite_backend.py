@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import sqlite_utils
 
 from store.errors import Conflict, StoreUnavailable, is_unavailable
-from store.result import Result, insert_sql
+from store.result import Result, SharedOperations
 
 SCHEMA_V1 = {
     "requests": (
@@ -190,7 +190,7 @@ def migrate(db: sqlite_utils.Database) -> int:
     return max(version, LATEST_VERSION)
 
 
-class SQLiteDatabase:
+class SQLiteDatabase(SharedOperations):
     """One connection to a SQLite file (WAL, synchronous=NORMAL, foreign keys on)."""
 
     dialect = "sqlite"
@@ -230,15 +230,6 @@ class SQLiteDatabase:
             self.conn.executemany(sql, rows)
         except sqlite3.Error as exc:
             raise _mapped(exc) from exc
-
-    def query(self, sql: str, params=()) -> list[dict]:
-        return self.execute(sql, params).dicts()
-
-    def insert(self, table: str, rows: list[dict], *, upsert: tuple[str, ...] | None = None) -> None:
-        """Insert rows (all with the same keys); with `upsert`, a row whose key exists replaces its columns."""
-        if rows:
-            sql, values = insert_sql(table, rows, upsert)
-            self.executemany(sql, values)
 
     @contextlib.contextmanager
     def transaction(self, *locks: str) -> Iterator["SQLiteDatabase"]:
