@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
 from typing import Callable, Iterator
 
 import sqlite_utils
@@ -197,6 +198,9 @@ class SQLiteDatabase(SharedOperations):
 
     def __init__(self, path: str, *, busy_timeout: float = 30.0) -> None:
         self.url = path
+        # one connection may be used from several threads (asyncio.to_thread): statements, transactions
+        # and close take turns, so a close never frees the connection under a running statement
+        self._turn = threading.RLock()
         try:
             # autocommit: a statement outside `transaction()` commits at once (no implicit BEGIN left open)
             self.conn = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False, isolation_level=None)
@@ -219,15 +223,17 @@ class SQLiteDatabase(SharedOperations):
 
     def execute(self, sql: str, params=()) -> Result:
         try:
-            cursor = self.conn.execute(sql, list(params))
-            columns = [d[0] for d in cursor.description] if cursor.description else []
-            return Result(cursor.fetchall() if columns else [], cursor.rowcount, columns)
+            with self._turn:
+                cursor = self.conn.execute(sql, list(params))
+                columns = [d[0] for d in cursor.description] if cursor.description else []
+                return Result(cursor.fetchall() if columns else [], cursor.rowcount, columns)
         except sqlite3.Error as exc:
             raise _mapped(exc) from exc
 
     def executemany(self, sql: str, rows) -> None:
         try:
-            self.conn.executemany(sql, rows)
+            with self._turn:
+                self.conn.executemany(sql, rows)
         except sqlite3.Error as exc:
             raise _mapped(exc) from exc
 
@@ -235,20 +241,21 @@ class SQLiteDatabase(SharedOperations):
     def transaction(self, *locks: str) -> Iterator["SQLiteDatabase"]:
         """BEGIN IMMEDIATE ... COMMIT: takes the file's write lock up front (so concurrent writers wait on
         the busy timeout instead of failing when a read snapshot goes stale); `locks` are implied by it."""
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise _mapped(exc) from exc
-        try:
-            yield self
-            self.conn.execute("COMMIT")
-        except BaseException as exc:
-            if self.conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):  # keep the original error, not a failed rollback's
-                    self.conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
+        with self._turn:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
                 raise _mapped(exc) from exc
-            raise
+            try:
+                yield self
+                self.conn.execute("COMMIT")
+            except BaseException as exc:
+                if self.conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):  # keep the original error, not a failed rollback's
+                        self.conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise _mapped(exc) from exc
+                raise
 
     def set_busy_timeout(self, seconds: float) -> None:
         """How long a statement waits for another connection's lock before "database is locked"."""
@@ -264,7 +271,8 @@ class SQLiteDatabase(SharedOperations):
             raise _mapped(exc) from exc
 
     def close(self) -> None:
-        self.conn.close()
+        with self._turn:
+            self.conn.close()
 
 
 def _mapped(exc: sqlite3.Error) -> Exception:
