@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--publish-partial", action="store_true")
     p.add_argument("--fresh", action="store_true", help="do not resume an unfinished run of the route")
+    p.add_argument("--status", action="store_true", help="show each route's unfinished run and its batch jobs")
+    p.add_argument("--no-wait", action="store_true", help="batch mode: submit or check the round's batch and exit")
+    p.add_argument("--db", help="the store (default: the config's store.url)")
     p.set_defaults(func=cli_store.cmd_train)
 
     args = parser.parse_args(argv)

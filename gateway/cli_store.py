@@ -105,7 +105,13 @@ def cmd_train(args) -> int:
     from gateway.trainer import TrainingRefused, train_routes
 
     settings = settings_of(args)
+    if getattr(args, "db", None):
+        settings.store.url = args.db
     store_path(args, must_exist=False)
+    if args.status:
+        return train_status(settings, args)
+    if args.no_wait:
+        settings.train.batch_wait_seconds = 0.0
     progress = Progress()
     try:
         reports = asyncio.run(train_routes(settings, args.route, budget=args.budget, dry_run=args.dry_run,
@@ -119,7 +125,29 @@ def cmd_train(args) -> int:
         print(summary(report))
     if any(r.status == "refused" for r in reports):
         return 2
-    return 0 if all(r.status in ("published", "dry-run") for r in reports) else 1
+    return 0 if all(r.status in ("published", "dry-run", "waiting") for r in reports) else 1
+
+
+def train_status(settings, args) -> int:
+    """`iapo train --status`: each route's unfinished run, how far it got, and where its batches stand."""
+    from store.training_runs import TrainingBatches, TrainingRuns
+
+    db = open_store(args)
+    runs, batches = TrainingRuns(db), TrainingBatches(db)
+    for route in settings.routes:
+        if args.route and route.model != args.route:
+            continue
+        run = runs.unfinished(route.model)
+        if run is None:
+            last = runs.list(route.model, limit=1)
+            print(f"route {route.model}: no unfinished run" + (f" (last: {last[0].run_id} {last[0].status})"
+                                                                if last else ""))
+            continue
+        print(f"route {route.model}: run {run.run_id} {run.status}, {run.spent}/{run.budget} completions, "
+              f"${run.dollars:.4f}")
+        for b in batches.list(run.run_id):
+            print(f"  round {b['round']:2d}: batch {b['batch_id']} {b['status']} ({b['requests']} pulls)")
+    return 0
 
 
 # -- policy -----------------------------------------------------------------------------------------

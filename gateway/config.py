@@ -43,6 +43,7 @@ class Upstream(Strict):
     # openai for `openai/...` (and vLLM) models, litellm for every other provider.
     transport: Literal["auto", "litellm", "openai"] = "auto"
     price: Price | None = None
+    batch_discount: float = Field(0.5, gt=0, le=1)  # what batch jobs cost relative to `price` (OpenAI: half)
     fallback: str | None = None
 
     @property
@@ -265,6 +266,12 @@ class TrainConfig(Strict):
     # send each exploration pull a `seed` derived from train.seed and its position in the run, so where a
     # provider honours seeds a run's draws are reproducible (two runs with one seed learn the same policy)
     pull_seeds: bool = False
+    # live: each round's pulls are upstream calls; batch: each round is one provider batch job (OpenAI's
+    # Batches API, at the upstream's batch_discount); `iapo train` waits up to batch_wait_seconds for it,
+    # and a later call picks the run up where its batch stands
+    mode: Literal["live", "batch"] = "live"
+    batch_poll_seconds: float = Field(5.0, gt=0)
+    batch_wait_seconds: float = Field(3600.0, ge=0)
 
     @model_validator(mode="after")
     def _pull_size_needs_pooled(self) -> "TrainConfig":

@@ -23,7 +23,9 @@ from typing import Callable
 import httpx
 import numpy as np
 
+from gateway.batch_jobs import BatchClient, BatchUnsupported
 from gateway.config import Route, Settings
+from gateway.transports import UpstreamError
 from gateway.prompting import apply_arm
 from gateway.records import RequestRecord, completion_rows
 from gateway.runtime import Runtime
@@ -37,7 +39,7 @@ from store.policy_store import PolicyEntry, PolicyStore
 from store.queries import served_pulls, training_queries
 from store.spend import SpendLedger
 from store.training_lock import LEASE_S, TrainingLock, TrainingLockHeld
-from store.training_runs import LoggedPull, TrainingRun, TrainingRuns
+from store.training_runs import LoggedPull, TrainingBatches, TrainingRun, TrainingRuns
 from store.writer import LogWriter, RequestLog
 
 log = logging.getLogger("iapo.train")
@@ -49,6 +51,10 @@ class TrainingRefused(Exception):
 
 class TrainingFault(Exception):
     """An upstream, verifier or scorer failure during exploration; the run ends unpublished."""
+
+
+class TrainingWaiting(Exception):
+    """Batch mode: a round's batch job is still running; the next `iapo train` picks the run up there."""
 
 
 @dataclass
@@ -141,6 +147,8 @@ class RouteTrainer:
         except TrainingFault as exc:
             report.status, report.message = "aborted", f"{exc}; the serving policy is unchanged (the pulls paid " \
                                                        "for are logged: the next run resumes from them)"
+        except TrainingWaiting as exc:
+            report.status, report.message = "waiting", str(exc)
         finally:
             if renewing is not None:
                 renewing.cancel()
@@ -218,7 +226,7 @@ class RouteTrainer:
         """What a run's pulls depend on: resume only a run with the same settings."""
         cfg = self.config
         parts = [self.route.model, self.route.aggregator, self.route.n_max, sorted(self.prompt_versions.items()),
-                 self.budget, cfg.seed, cfg.estimator, cfg.pull_size, cfg.screening_k, cfg.screening_fraction,
+                 self.budget, cfg.seed, cfg.estimator, cfg.pull_size, cfg.screening_k, cfg.screening_fraction, cfg.mode,
                  feasible, {k: list(c.weights) + [c.cost_weight] for k, c in contexts_for(self.rt, self.route).items()}]
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -290,8 +298,10 @@ class RouteTrainer:
         writer = self._writer or LogWriter(self.settings.store.url)
         self._ledger_lock = asyncio.Lock()
         seq = 0
+        round_no = 0
         try:
             while batch := engine.ask():
+                round_no += 1
                 told, to_buy = [], []
                 for pull in batch:
                     q = queries[pull.query if pull.query is not None else int(engine.rng.integers(len(queries)))]
@@ -304,26 +314,30 @@ class RouteTrainer:
                         told.append((pull, self._outcome_of(done, q)))
                         report.replayed_completions += pull[1]
                     else:
-                        cost = self.rt.route_worst_case(self.route, body)[0] * pull[1]
+                        cost = self.rt.route_worst_case(self.route, body)[0] * pull[1] * self._price_factor
                         to_buy.append((seq, pull, q, body, cost))
                     seq += 1
-                report.dollars += sum(float(np.sum(o.costs)) for _, o in told)
+                report.dollars += sum(float(np.sum(o.costs)) for _, o in told) * self._price_factor
                 if self.max_dollars is not None and to_buy:
                     room = self.max_dollars - report.dollars
                     fits = np.cumsum([item[-1] for item in to_buy]) <= room + 1e-12
                     if not fits.all():
                         to_buy = [item for item, ok in zip(to_buy, fits) if ok]
                         report.status, report.message = "partial", f"dollar cap ${self.max_dollars} reached"
-                results = await asyncio.gather(*(self._pull(writer, ledger, report.run_id, *item[:4]) for item in to_buy),
-                                               return_exceptions=True)  # every pull that was paid for gets logged
-                failures = [r for r in results if isinstance(r, BaseException)]
-                if failures:
-                    raise failures[0]
-                bought = list(results)
+                if self.config.mode == "batch" and to_buy:
+                    bought = await self._batch_round(db, writer, ledger, report.run_id, round_no, to_buy)
+                else:
+                    results = await asyncio.gather(*(self._pull(writer, ledger, report.run_id, *item[:4])
+                                                     for item in to_buy),
+                                                   return_exceptions=True)  # every pull that was paid for gets logged
+                    failures = [r for r in results if isinstance(r, BaseException)]
+                    if failures:
+                        raise failures[0]
+                    bought = list(results)
                 told += bought
                 engine.tell([(pull[0], pull[1], outcome) for pull, outcome in told])
                 report.completions += sum(pull[1] for pull, _ in told)
-                report.dollars += sum(float(np.sum(o.costs)) for _, o in bought)
+                report.dollars += sum(float(np.sum(o.costs)) for _, o in bought) * self._price_factor  # as billed
                 report.rounds.append({"pulls": len(told), "completions": sum(p[1] for p, _ in told),
                                       "replayed": sum(1 for p, _ in told) - len(bought)})
                 for tier, (prompt_id, n) in engine.policy().items():
@@ -351,15 +365,64 @@ class RouteTrainer:
         body["model"] = self.upstream.config.wire_model
         return body
 
+    @property
+    def _price_factor(self) -> float:
+        """Batch jobs are billed at the upstream's batch discount."""
+        return self.upstream.config.batch_discount if self.config.mode == "batch" else 1.0
+
+    async def _batch_round(self, db, writer: LogWriter, ledger: SpendLedger, run_id: str, round_no: int,
+                           to_buy: list) -> list:
+        """The round's pulls as one provider batch job (or the job an earlier invocation submitted for it);
+        TrainingWaiting while it runs past `train.batch_wait_seconds`."""
+        batches = TrainingBatches(db)
+        known = batches.of(run_id, round_no)
+        try:
+            async with BatchClient(self.upstream) as client:
+                if known is None or known["status"] in ("failed", "expired", "cancelled"):
+                    requests = [(f"{run_id}:{seq}", {**body, "n": pull[1]} if pull[1] > 1 else body)
+                                for seq, pull, _, body, _ in to_buy]
+                    batch_id = await client.submit(requests)
+                    batches.submitted(run_id, round_no, batch_id, len(requests))
+                else:
+                    batch_id = known["batch_id"]
+                batch = await client.wait(batch_id, poll_s=self.config.batch_poll_seconds,
+                                          timeout_s=self.config.batch_wait_seconds)
+                if batch.get("status") != "completed":
+                    if batch.get("status") in ("failed", "expired", "cancelled"):
+                        batches.status(run_id, round_no, batch["status"])
+                        raise TrainingFault(f"batch {batch_id} of round {round_no} {batch['status']}")
+                    raise TrainingWaiting(f"batch {batch_id} (round {round_no}, {len(to_buy)} pulls) is "
+                                          f"{batch.get('status')}; run iapo train again to continue this run")
+                answers = await client.results(batch)
+        except (BatchUnsupported, UpstreamError) as exc:
+            raise TrainingFault(f"batch exploration: {exc}") from None
+        bought = []
+        for seq, pull, query, body, _ in to_buy:
+            data = answers.get(f"{run_id}:{seq}")
+            if not isinstance(data, dict) or "error" in data:
+                raise TrainingFault(f"batch {batch_id}: pull {seq} failed ({(data or {}).get('error')})")
+            completions = self.upstream.split(data, 0.0, pull[1]).completions  # a batch answers where it was sent
+            bought.append(await self._record_pull(writer, ledger, run_id, seq, pull, query, body, completions))
+        batches.status(run_id, round_no, "completed")
+        return bought
+
     async def _pull(self, writer: LogWriter, ledger: SpendLedger, run_id: str, seq: int, pull, query: dict, body: dict):
         """Buy one pull, score it, and log it before it is told: what was paid for is never lost."""
-        prompt_id, n = pull[0], pull[1]
         async with self.slots:
-            completions = (await self.upstream.draw(body, n)).completions
+            completions = (await self.upstream.draw(body, pull[1])).completions
+        return await self._record_pull(writer, ledger, run_id, seq, pull, query, body, completions)
+
+    async def _record_pull(self, writer: LogWriter, ledger: SpendLedger, run_id: str, seq: int, pull, query: dict,
+                           body: dict, completions: list[Completion]):
+        prompt_id, n = pull[0], pull[1]
         failed = [c for c in completions if c.error]
         if failed:
             raise TrainingFault(f"upstream failed during exploration ({failed[0].error_kind}: {failed[0].error})")
         answers, scores = await self._judge(body["messages"], completions)
+        # the engine values arms at the price they are served at; the log and the ledger book what was paid
+        costs = np.array([c.cost for c in completions])
+        for c in completions:
+            c.cost *= self._price_factor
         record = RequestRecord(id=f"explore-{uuid.uuid4().hex}", created=time.time(), kind="explore",
                                route=self.route.model, upstream=self.route.upstream, prompt_id=prompt_id,
                                prompt_version=self.prompt_versions[prompt_id], n=n,
@@ -371,7 +434,6 @@ class RouteTrainer:
         async with self._ledger_lock:
             await asyncio.to_thread(ledger.record, f"explore:{self.route.model}", ("per_day", "per_month"),
                                     record.cost, record.prompt_tokens + record.completion_tokens)
-        costs = np.array([c.cost for c in completions])
         if self.route.aggregator == "mv":
             return pull, Outcome(costs=costs, answers=answers, gold=query["gold"], query=query["query_key"])
         return pull, Outcome(costs=costs, scores=scores, query=query["query_key"])
@@ -385,7 +447,7 @@ class RouteTrainer:
             raise TrainingFault(f"scoring failed during exploration: {exc}") from None
 
     def _outcome_of(self, pull: LoggedPull, query: dict) -> Outcome:
-        costs = np.array(pull.costs, dtype=float)
+        costs = np.array(pull.costs, dtype=float) / self._price_factor  # back to the serving price
         if self.route.aggregator == "mv":
             return Outcome(costs=costs, answers=pull.answers, gold=query["gold"], query=query["query_key"])
         return Outcome(costs=costs, scores=np.array(pull.scores, dtype=float), query=query["query_key"])

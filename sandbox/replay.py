@@ -2,7 +2,8 @@
 
 MV environments answer `... Final answer: \\boxed{c}`; BoN environments answer with an outcome id
 that the paired reward endpoint (`POST /score/{model}`) scores from the recorded outcome vectors.
-Fault switches (`POST /admin/faults`) inject errors, 429s and latency for reliability tests.
+Fault switches (`POST /admin/faults`) inject errors, 429s and latency for reliability tests; the Files
+and Batches API (`sandbox.batches`) answers batch jobs after a configurable delay.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from policies.environments import BoNEnvironment, MVEnvironment
+from sandbox.batches import BatchService
 
 PROMPT_RE = re.compile(r"Prompt (\d+)")
 QUERY_RE = re.compile(r"(?:Problem|Query) (\d+)")
@@ -113,14 +115,22 @@ def create_replay_app(envs: dict[str, MVEnvironment | BoNEnvironment], seed: int
             headers = {"retry-after": str(faults.retry_after)} if faults.retry_after is not None else {}
             return JSONResponse({"error": {"message": "injected fault", "type": "server_error", "code": None}},
                                 status_code=faults.error_status, headers=headers)
+        payload = answer(body)
+        if body.get("stream"):
+            return StreamingResponse(_chunks(payload, bool((body.get("stream_options") or {}).get("include_usage"))),
+                                     media_type="text/event-stream")
+        return _deliver(payload, faults, rng)
+
+    def answer(body: dict) -> dict:
+        """The chat.completion a request gets (shared by live calls and batch jobs)."""
         model = body.get("model", "")
         messages = body.get("messages") or []
         if model == "judge":  # a deterministic grader for judge-scorer tests: length of the answer mod 11
-            answer = str(messages[-1].get("content") or "").rsplit("Answer:\n", 1)[-1]
-            return JSONResponse({"id": "judge", "object": "chat.completion", "created": int(time.time()), "model": model,
-                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": f"{len(answer) % 11}"},
-                                              "finish_reason": "stop"}],
-                                 "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}})
+            text = str(messages[-1].get("content") or "").rsplit("Answer:\n", 1)[-1]
+            return {"id": "judge", "object": "chat.completion", "created": int(time.time()), "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": f"{len(text) % 11}"},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}}
         env = envs.get(model) or next(iter(envs.values()))
         n = int(body.get("n") or 1)
         prompt = _index(PROMPT_RE, messages, {"system", "developer"}, env.n_prompts) or 0
@@ -141,7 +151,7 @@ def create_replay_app(envs: dict[str, MVEnvironment | BoNEnvironment], seed: int
         per_choice = min(tokens, max_tokens) if max_tokens is not None else tokens
         prompt_tokens = sum(len(str(m.get("content") or "")) for m in messages) // 4 + 1
         counters["completions"] += n
-        payload = {
+        return {
             "id": f"replay-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
             "model": model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": finish}
@@ -149,10 +159,6 @@ def create_replay_app(envs: dict[str, MVEnvironment | BoNEnvironment], seed: int
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": per_choice * n,
                       "total_tokens": prompt_tokens + per_choice * n},
         }
-        if body.get("stream"):
-            return StreamingResponse(_chunks(payload, bool((body.get("stream_options") or {}).get("include_usage"))),
-                                     media_type="text/event-stream")
-        return _deliver(payload, faults, rng)
 
     async def score(request: Request) -> Response:
         env = envs.get(request.path_params["model"])
@@ -193,7 +199,9 @@ def create_replay_app(envs: dict[str, MVEnvironment | BoNEnvironment], seed: int
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": k, "object": "model"} for k in envs]})
 
+    batches = BatchService(answer)
     return Starlette(routes=[
+        *batches.routes(),
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/chat/completions", chat, methods=["POST"]),
         Route("/score/{model}", score, methods=["POST"]),

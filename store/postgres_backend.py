@@ -184,7 +184,13 @@ def _v2_key_roles_and_admin_actions(db: PostgresDatabase) -> None:
         db.execute(statement)
 
 
-MIGRATIONS = [_v1_baseline, _v2_key_roles_and_admin_actions]
+def _v3_training_batches(db: PostgresDatabase) -> None:
+    """SQLite's version 8: training_batches."""
+    for statement in ddl("training_batches", TABLES["training_batches"]):
+        db.execute(statement)
+
+
+MIGRATIONS = [_v1_baseline, _v2_key_roles_and_admin_actions, _v3_training_batches]
 
 
 def _mapped(exc: Exception) -> Exception:

@@ -59,6 +59,10 @@ TABLES: dict[str, Table] = {
                            ("id",), (("created",),)),
     "training_locks": Table(
         {"route": str, "run_id": str, "pid": int, "acquired": float, "host": str, "expires": float}, ("route",)),
+    "training_batches": Table(
+        {"run_id": str, "round": int, "batch_id": str, "status": str, "submitted": float, "completed": float,
+         "requests": int},
+        ("run_id", "round")),
     "training_runs": Table(
         {"run_id": str, "route": str, "status": str, "started": float, "finished": float, "fingerprint": str,
          "budget": int, "spent": int, "dollars": float, "queries": str, "report": str},

@@ -166,9 +166,16 @@ def _v7_key_roles_and_admin_actions(db: sqlite_utils.Database) -> None:
     db["admin_actions"].create_index(["created"], if_not_exists=True)
 
 
+def _v8_training_batches(db: sqlite_utils.Database) -> None:
+    """training_batches: the provider batch job that holds each round of a batch-mode training run."""
+    db["training_batches"].create({"run_id": str, "round": int, "batch_id": str, "status": str, "submitted": float,
+                                   "completed": float, "requests": int}, pk=("run_id", "round"), if_not_exists=True)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_base_schema, _v2_request_columns, _v3_reservations, _v4_feedback_per_target,
     _v5_training_runs_and_ranked_arms, _v6_training_lock_lease, _v7_key_roles_and_admin_actions,
+    _v8_training_batches,
 ]
 LATEST_VERSION = len(MIGRATIONS)
 

@@ -43,9 +43,10 @@ class TrainingRuns:
 
     def unfinished(self, route: str) -> TrainingRun | None:
         """The newest run of `route` that neither finished nor was abandoned: killed (still marked running;
-        the caller holds the route's lock, so its process is gone) or aborted by an upstream failure."""
+        the caller holds the route's lock, so its process is gone), aborted by an upstream failure, or
+        waiting for a batch job."""
         rows = self.db.query("select * from training_runs where route = ? order by started desc limit 1", [route])
-        return _run(rows[0]) if rows and rows[0]["status"] in ("running", "aborted") else None
+        return _run(rows[0]) if rows and rows[0]["status"] in ("running", "aborted", "waiting") else None
 
     def get(self, run_id: str) -> TrainingRun | None:
         rows = self.db.query("select * from training_runs where run_id = ?", [run_id])
@@ -87,6 +88,32 @@ class TrainingRuns:
             [json.loads(c["scores"]) if c["scores"] else None for c in rows[rid]],
             [c["cost"] or 0.0 for c in rows[rid]], sum(1 for c in rows[rid] if c["error"]))
             for rid, r in requests.items()}
+
+
+class TrainingBatches:
+    """The provider batch job of each round of a batch-mode run: a run that exits while a batch is out
+    picks that batch up again instead of submitting the round twice."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def of(self, run_id: str, round_no: int) -> dict | None:
+        rows = self.db.query("select * from training_batches where run_id = ? and round = ?", [run_id, round_no])
+        return rows[0] if rows else None
+
+    def list(self, run_id: str) -> list[dict]:
+        return self.db.query("select * from training_batches where run_id = ? order by round", [run_id])
+
+    def submitted(self, run_id: str, round_no: int, batch_id: str, requests: int) -> None:
+        with write_transaction(self.db):
+            self.db.insert("training_batches", [{"run_id": run_id, "round": round_no, "batch_id": batch_id,
+                                                 "status": "submitted", "submitted": time.time(), "completed": None,
+                                                 "requests": requests}], upsert=("run_id", "round"))
+
+    def status(self, run_id: str, round_no: int, status: str) -> None:
+        with write_transaction(self.db):
+            self.db.execute("update training_batches set status = ?, completed = ? where run_id = ? and round = ?",
+                            [status, time.time() if status == "completed" else None, run_id, round_no])
 
 
 def _run(row: dict) -> TrainingRun:
