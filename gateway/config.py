@@ -186,6 +186,19 @@ class CapLimit(Strict):
 Window = Literal["per_minute", "per_day", "per_month"]
 
 
+class Adaptive(Strict):
+    """Majority-vote routes draw the arm's N in waves and stop once the vote is settled
+    (policies/stopping.py): `settled` stops when the leader cannot be caught by the draws left, so the
+    answer is the one all N would give; `lead` stops when the leader is `lead` votes ahead (cheaper,
+    and may cost accuracy). Best-of-N routes draw all N."""
+
+    rule: Literal["settled", "lead"] = "settled"
+    lead: int = Field(3, ge=1)
+    first_wave: int = Field(2, ge=1)
+    wave: int = Field(2, ge=1)
+    max_waves: int | None = Field(None, ge=1)
+
+
 class Tier(Strict):
     name: str
     weights: dict[str, float] = Field(default_factory=dict)
@@ -195,6 +208,7 @@ class Tier(Strict):
     caps: dict[Window, CapLimit] = Field(default_factory=dict)  # for the whole tier
     key_caps: dict[Window, CapLimit] = Field(default_factory=dict)  # for each API key of the tier
     on_exhausted: Literal["reject", "degrade"] = "reject"
+    adaptive: Adaptive | None = None  # draw in waves and stop early on majority-vote routes
     # which models (routes and upstreams, fnmatch patterns) callers of this tier may name
     models: list[str] = Field(default_factory=lambda: ["*"])
 

@@ -37,6 +37,10 @@ class GatewayMetrics:
         self.in_flight = Gauge("iapo_in_flight_requests", "Requests being served", registry=r,
                                multiprocess_mode="livesum")
         self.upstream_errors = Counter("iapo_upstream_errors", "Upstream call failures", ["upstream", "kind"], registry=r)
+        self.waves = Histogram("iapo_request_waves", "Waves an adaptive (sequential) request drew", ["route", "tier"],
+                               buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
+        self.completions_saved = Counter("iapo_completions_saved", "Completions an adaptive request did not draw "
+                                         "because its vote was settled", ["route", "tier"], registry=r)
         self.failed_completions = Counter("iapo_failed_completions", "Completions lost to upstream failures", ["route", "tier"], registry=r)
         self.policy_version = Gauge("iapo_policy_version", "Serving policy version", registry=r, multiprocess_mode="max")
         self.log_queue = Gauge("iapo_log_queue_depth", "Log records waiting for the writer", registry=r,

@@ -29,8 +29,10 @@ from gateway.streams import MessageBuilder, Relay, is_usage_only, tokens_of
 from gateway.transports import UpstreamError
 from gateway.upstream import Completion, Draw, UpstreamClient
 from gateway.worst_case import INJECTED_LIMIT_FIELD, Bound, bound, token_limit
+from policies.aggregate import answer_of
 from policies.arms import Arm
 from policies.budget import clamp_n
+from policies.stopping import StoppingRule, Waves, settled
 from store.errors import StoreUnavailable
 from store.spend import BudgetExhausted, Reservation
 
@@ -250,7 +252,7 @@ class Pipeline:
         plan, record = ticket.plan, ticket.record
         draw, choice = Draw([]), None
         try:
-            draw = await plan.upstream.draw(plan.body, plan.n)
+            draw = await self._draw(rt, plan, ticket.caller.tier, record)
             completions = self._price_unknown(draw.completions, plan)
             ticket.upstream_s = max((c.latency_s for c in completions), default=0.0)
             record.upstream_id = ",".join(draw.upstream_ids)[:500] or None
@@ -270,6 +272,7 @@ class Pipeline:
         iapo = {"route": plan.route.model, "tier": ticket.caller.tier.name, "prompt_id": plan.arm.prompt_id,
                 "n": plan.n, "aggregator": plan.route.aggregator, "policy_version": record.policy_version,
                 "failed": len(completions) - len(ok),
+                **({"waves": record.waves, "completions": len(completions)} if record.waves else {}),
                 "cost": float(sum(c.cost for c in completions)) + choice.scoring.dollars,
                 "scores": choice.quality, **choice.info}
         extra = {"iapo": iapo, **({"service_tier": draw.service_tier} if draw.service_tier else {})}
@@ -279,6 +282,24 @@ class Pipeline:
         status = 499 if relay is not None and relay.client_gone else 200
         logged = await self._finish(ticket, status, completions, choice=choice)
         return Outcome(200, body, self._headers(ticket, logged))
+
+    async def _draw(self, rt: Runtime, plan: Plan, tier, record: RequestRecord) -> Draw:
+        """The arm's N in one call, or, on a tier with `adaptive` and a majority-vote route, in waves
+        until the vote is settled (the reservation covers all N; settle books what was drawn)."""
+        adaptive = tier.adaptive
+        if adaptive is None or plan.route.aggregator != "mv" or plan.n == 1:
+            return await plan.upstream.draw(plan.body, plan.n)
+        rule = StoppingRule(adaptive.rule, adaptive.lead if adaptive.rule == "lead" else 0)
+        extract = rt.extractors[plan.route.model]
+        draw, answers, drawn = Draw([]), [], 0
+        for record.waves, end in enumerate(Waves(adaptive.first_wave, adaptive.wave, adaptive.max_waves).ends(plan.n), 1):
+            part = await plan.upstream.draw(plan.body, int(end) - drawn)
+            draw.extend(part)
+            drawn = int(end)
+            answers += [answer_of(c.message, extract) if not c.error else None for c in part.completions]
+            if settled(answers, drawn, plan.n, rule):
+                break
+        return draw
 
     def _price_unknown(self, completions: list[Completion], plan: Plan) -> list[Completion]:
         """Completions the provider may have billed without saying how much (no usage, or a timeout after
@@ -497,6 +518,9 @@ class Pipeline:
         m.tokens.labels(route, tier, "prompt").inc(record.prompt_tokens)
         m.tokens.labels(route, tier, "completion").inc(record.completion_tokens)
         m.cost.labels(route, tier, "serve").inc(record.cost)
+        if record.waves:
+            m.waves.labels(route, tier).observe(record.waves)
+            m.completions_saved.labels(route, tier).inc(max(ticket.plan.n - len(completions), 0))
         if choice is not None and status in (200, 499):
             for name, value in choice.quality.items():
                 m.quality.labels(route, tier, name).observe(value)
@@ -517,6 +541,8 @@ class Pipeline:
                 headers["x-iapo-overridden"] = ",".join(plan.overridden)
             if ticket.degraded:
                 headers["x-iapo-degraded"] = "budget"
+            if ticket.record.waves:
+                headers["x-iapo-waves"] = str(ticket.record.waves)
         if plan.limited:
             headers["x-iapo-limited"] = f"{plan.limited}={plan.body[plan.limited]}"
         if logged is False:

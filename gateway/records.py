@@ -49,6 +49,7 @@ class RequestRecord:
     error: str | None = None
     run_id: str | None = None
     run_pull: int | None = None  # an exploration pull's position in its run (resume replays by it)
+    waves: int | None = None  # an adaptive request's waves (it may stop before drawing all n)
 
     def add_usage(self, completions: list[Completion]) -> None:
         self.prompt_tokens = sum(c.prompt_tokens for c in completions)

@@ -265,6 +265,8 @@ class RouteTrainer:
         for r in served:
             if r["query_key"] not in gold or self.prompt_versions.get(r["prompt_id"]) != r["prompt_version"]:
                 continue
+            if len(r["costs"]) != r["n"]:  # an adaptive request stopped on what it saw: a biased sample
+                continue
             if self.route.aggregator == "mv":
                 outcome = Outcome(costs=np.array(r["costs"]), answers=r["answers"], gold=gold[r["query_key"]],
                                   query=r["query_key"])

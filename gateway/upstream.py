@@ -59,6 +59,14 @@ class Draw:
     upstream_ids: list[str] = field(default_factory=list)
     service_tier: str | None = None
 
+    def extend(self, part: "Draw") -> None:
+        """Add another call's (or wave's) completions and what its provider said."""
+        self.completions += part.completions
+        self.system_fingerprint = self.system_fingerprint or part.system_fingerprint
+        self.service_tier = self.service_tier or part.service_tier
+        self.upstream_ids += part.upstream_ids
+        _add_details(self.usage_details, part.usage_details)
+
 
 class UpstreamClient:
     """Calls one upstream under a semaphore, with retries inside a total deadline and a fallback."""
@@ -215,12 +223,9 @@ class UpstreamClient:
             parts = [await self._draw_call(body, n)]
         else:
             parts = await asyncio.gather(*(self._draw_call(body, 1) for _ in range(n)))
-        draw = Draw([c for part in parts for c in part.completions])
+        draw = Draw([])
         for part in parts:
-            draw.system_fingerprint = draw.system_fingerprint or part.system_fingerprint
-            draw.service_tier = draw.service_tier or part.service_tier
-            draw.upstream_ids += part.upstream_ids
-            _add_details(draw.usage_details, part.usage_details)
+            draw.extend(part)
         return draw
 
     async def _draw_call(self, body: dict, n: int) -> Draw:

@@ -190,7 +190,12 @@ def _v3_training_batches(db: PostgresDatabase) -> None:
         db.execute(statement)
 
 
-MIGRATIONS = [_v1_baseline, _v2_key_roles_and_admin_actions, _v3_training_batches]
+def _v4_request_waves(db: PostgresDatabase) -> None:
+    """SQLite's version 9: requests.waves."""
+    db.execute('ALTER TABLE requests ADD COLUMN IF NOT EXISTS "waves" BIGINT')
+
+
+MIGRATIONS = [_v1_baseline, _v2_key_roles_and_admin_actions, _v3_training_batches, _v4_request_waves]
 
 
 def _mapped(exc: Exception) -> Exception:

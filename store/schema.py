@@ -25,7 +25,7 @@ TABLES: dict[str, Table] = {
          "chosen_index": int, "chosen_answer": str, "tie_size": int, "vote_share": float, "prompt_tokens": int,
          "completion_tokens": int, "cost": float, "latency_s": float, "upstream_latency_s": float, "failed": int,
          "status": int, "error": str, "run_id": str, "key_id": str, "endpoint": str, "upstream_id": str,
-         "run_pull": int},
+         "run_pull": int, "waves": int},
         ("id",), (("route", "created"), ("kind", "route"), ("run_id", "run_pull"))),
     "completions": Table(
         {"request_id": str, "idx": int, "text": str, "answer": str, "scores": str, "prompt_tokens": int,

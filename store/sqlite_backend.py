@@ -172,10 +172,16 @@ def _v8_training_batches(db: sqlite_utils.Database) -> None:
                                    "completed": float, "requests": int}, pk=("run_id", "round"), if_not_exists=True)
 
 
+def _v9_request_waves(db: sqlite_utils.Database) -> None:
+    """requests.waves: how many waves a sequential (adaptive) request drew; NULL for one draw of N."""
+    if "waves" not in db["requests"].columns_dict:
+        db["requests"].add_column("waves", int)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_base_schema, _v2_request_columns, _v3_reservations, _v4_feedback_per_target,
     _v5_training_runs_and_ranked_arms, _v6_training_lock_lease, _v7_key_roles_and_admin_actions,
-    _v8_training_batches,
+    _v8_training_batches, _v9_request_waves,
 ]
 LATEST_VERSION = len(MIGRATIONS)
 

@@ -1,0 +1,87 @@
+"""Adaptive N on a majority-vote route: the arm's N is drawn in waves and the request stops when its
+tier's rule says the vote is settled; the scripted upstream counts what was asked of it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway.config import hash_key
+from tests.e2e.test_front_door import upstream_cfg
+from tests.support import metric_value, metrics_snapshot
+
+KEYS = {"fixed": "key-fixed", "settled": "key-settled", "lead": "key-lead", "short": "key-short"}
+ASK = [{"role": "user", "content": "What is 3 + 4?"}]
+
+
+@pytest.fixture
+def gw(start_gateway, scripted):
+    return start_gateway({
+        "upstreams": {"scripted": upstream_cfg(scripted.url)},
+        "routes": [{"model": "vote", "upstream": "scripted", "aggregator": "mv", "n_max": 8,
+                    "prompts": [{"id": "p0", "system": "Answer in \\boxed{}.", "params": {"max_tokens": 50}}],
+                    "start": {"default": {"prompt": "p0", "n": 8}}}],
+        "tiers": [{"name": "fixed"},
+                  {"name": "settled", "adaptive": {"rule": "settled", "first_wave": 2, "wave": 2},
+                   "caps": {"per_day": {"dollars": 10.0}}},
+                  {"name": "lead", "adaptive": {"rule": "lead", "lead": 2, "first_wave": 2, "wave": 2}},
+                  {"name": "short", "adaptive": {"rule": "settled", "first_wave": 2, "wave": 2, "max_waves": 2}}],
+        "default_tier": "fixed",
+        "api_keys": [{"hash": hash_key(key), "tier": tier} for tier, key in KEYS.items()],
+        "seed": 3,
+    })
+
+
+def ask(gw, tier: str) -> tuple[dict, dict]:
+    r = gw.client(KEYS[tier]).chat.completions.with_raw_response.create(model="vote", messages=ASK)
+    return json.loads(r.text), dict(r.headers)
+
+
+def drawn(scripted) -> list[int]:
+    """Completions asked of the upstream, call by call."""
+    return [rec["body"].get("n", 1) for rec in scripted.records if rec["path"].endswith("/chat/completions")]
+
+
+def test_a_unanimous_vote_stops_once_the_remaining_draws_cannot_overturn_it(gw, scripted):
+    scripted.script.update({"content": "It is \\boxed{7}."})
+    body, headers = ask(gw, "settled")
+    # 8 at most, waves of 2: after 6 unanimous votes only 2 are left, so 6 - 0 > 2 settles it
+    assert drawn(scripted) == [2, 2, 2]
+    assert body["iapo"]["waves"] == 3 and body["iapo"]["completions"] == 6 and body["iapo"]["n"] == 8
+    assert body["iapo"]["answer"] == "7" and body["choices"][0]["message"]["content"] == "It is \\boxed{7}."
+    assert headers["x-iapo-waves"] == "3" and headers["x-iapo-n"] == "8"
+    row = gw.row(body["id"])
+    assert (row["waves"], row["n"]) == (3, 8)
+    completions = gw.rows("select cost from completions where request_id = ?", [body["id"]])
+    assert len(completions) == 6
+    spend = gw.spend("tier:settled")
+    assert spend["dollars"] == pytest.approx(sum(c["cost"] for c in completions)) and spend["reserved"] == 0
+    snap = metrics_snapshot(gw.url)
+    assert metric_value(snap, "iapo_completions_saved_total", route="vote", tier="settled") == 2
+    assert metric_value(snap, "iapo_request_waves_count", route="vote", tier="settled") == 1
+
+
+def test_a_split_vote_draws_every_wave(gw, scripted):
+    scripted.script.update({"contents": ["\\boxed{1}", "\\boxed{2}"]})  # each wave of 2 splits 1-1
+    body, _ = ask(gw, "settled")
+    assert drawn(scripted) == [2, 2, 2, 2]
+    assert body["iapo"]["waves"] == 4 and body["iapo"]["completions"] == 8
+
+
+def test_a_lead_rule_stops_as_soon_as_the_leader_is_far_enough_ahead(gw, scripted):
+    scripted.script.update({"content": "\\boxed{7}"})
+    body, _ = ask(gw, "lead")
+    assert drawn(scripted) == [2] and body["iapo"]["completions"] == 2 and body["iapo"]["waves"] == 1
+
+
+def test_max_waves_draws_the_rest_in_the_last_wave(gw, scripted):
+    scripted.script.update({"contents": ["\\boxed{1}", "\\boxed{2}"]})
+    body, _ = ask(gw, "short")
+    assert drawn(scripted) == [2, 6] and body["iapo"]["waves"] == 2
+
+
+def test_a_tier_without_adaptive_draws_all_n_at_once(gw, scripted):
+    scripted.script.update({"content": "\\boxed{7}"})
+    body, headers = ask(gw, "fixed")
+    assert drawn(scripted) == [8] and "waves" not in body["iapo"] and "x-iapo-waves" not in headers
+    assert gw.row(body["id"])["waves"] is None

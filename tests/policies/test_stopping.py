@@ -1,0 +1,72 @@
+"""Sequential majority-vote arms: the exact walk against brute-force enumeration of every draw sequence."""
+import numpy as np
+import pytest
+
+from policies.environments import mv_vote_credit
+from policies.stopping import StoppingRule, Waves, brute_force_mv, sequential_mv, sequential_mv_caps, settled
+
+RULES = [StoppingRule("never"), StoppingRule("settled"), StoppingRule("lead", lead=1), StoppingRule("lead", lead=2)]
+WAVES = [Waves(1, 1), Waves(2, 3), Waves(4, 2), Waves(9, 1), Waves(1, 1, max_waves=3), Waves(2, 1, max_waves=1)]
+
+
+@pytest.fixture
+def queries():
+    rng = np.random.default_rng(7)
+    probs = rng.dirichlet(np.full(3, 0.7), size=5)
+    probs[0] = [1.0, 0.0, 0.0]  # a query every draw answers the same way
+    probs[1] = [0.5, 0.5, 0.0]  # an even split: ties are common
+    return probs, rng.integers(0, 3, size=5)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=str)
+@pytest.mark.parametrize("waves", WAVES, ids=str)
+@pytest.mark.parametrize("n_max", [1, 2, 5, 7])
+def test_exact_value_matches_brute_force(queries, rule, waves, n_max):
+    probs, gold = queries
+    value = sequential_mv(probs, gold, n_max, waves, rule)
+    brute = np.array([brute_force_mv(probs[i], int(gold[i]), n_max, waves, rule) for i in range(len(gold))])
+    np.testing.assert_allclose(value.credit, brute[:, 0], atol=1e-12)
+    np.testing.assert_allclose(value.completions, brute[:, 1], atol=1e-12)
+    np.testing.assert_allclose(value.waves, brute[:, 2], atol=1e-12)
+
+
+def test_settled_keeps_the_fixed_arms_credit_for_fewer_completions(queries):
+    probs, gold = queries
+    fixed = mv_vote_credit(probs, gold, 9)[:, 8]
+    value = sequential_mv(probs, gold, 9, Waves(1, 1), StoppingRule("settled"))
+    np.testing.assert_allclose(value.credit, fixed, atol=1e-12)
+    assert value.completions[0] == pytest.approx(5.0)  # unanimous: settled once 5 of 9 agree
+    assert np.all(value.completions <= 9) and value.completions.mean() < 9
+
+
+def test_one_walk_values_every_cap_as_separate_walks_do(queries):
+    probs, gold = queries
+    rule, waves = StoppingRule("lead", lead=2), Waves(2, 2)
+    together = sequential_mv_caps(probs, gold, [3, 4, 8], waves, rule)
+    for cap in (3, 4, 8):
+        alone = sequential_mv(probs, gold, cap, waves, rule)
+        np.testing.assert_allclose(together[cap].credit, alone.credit, atol=1e-12)
+        np.testing.assert_allclose(together[cap].completions, alone.completions, atol=1e-12)
+        np.testing.assert_allclose(together[cap].waves, alone.waves, atol=1e-12)
+
+
+def test_never_is_one_wave_of_n_max(queries):
+    probs, gold = queries
+    value = sequential_mv(probs, gold, 6, Waves(2, 2), StoppingRule("never"))
+    np.testing.assert_allclose(value.completions, 6.0)
+    np.testing.assert_allclose(value.waves, 3.0)
+    with pytest.raises(ValueError):
+        StoppingRule("lead", lead=0)
+    with pytest.raises(ValueError):
+        sequential_mv_caps(probs, gold, [3, 5], Waves(), StoppingRule("settled"))
+
+
+def test_servings_check_reads_the_votes_so_far():
+    rule = StoppingRule("settled")
+    assert settled(["a", "a", "a"], 3, 5, rule)  # 3 - 0 > 2 left
+    assert not settled(["a", "a", "b"], 3, 5, rule)  # 2 - 1 = 1, 2 left: b could still win
+    assert not settled(["a", None, None], 3, 5, rule)  # failures use draws up but do not vote
+    assert settled(["a", "b"], 5, 5, rule)  # N_max reached
+    assert settled(["x", "x", "y", "x"], 4, 16, StoppingRule("lead", lead=2))
+    assert not settled([None, None], 2, 8, StoppingRule("lead", lead=1))
+    assert list(Waves(2, 3, max_waves=3).ends(20)) == [2, 5, 20]
