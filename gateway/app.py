@@ -23,6 +23,7 @@ from gateway.openai_wire import error_body, model_list, model_object
 from gateway.openapi import openapi_document
 from gateway.pipeline import Outcome
 from gateway.service import GatewayService
+from gateway.ui import ui_routes
 
 log = logging.getLogger("iapo.app")
 
@@ -142,6 +143,7 @@ def create_app(settings: Settings, config_path: str | None = None) -> Starlette:
             Route("/metrics", metrics, methods=["GET"]),
             Route("/v1/feedback", feedback, methods=["POST"]),
             *admin_routes(service),
+            *ui_routes(service),
         ],
         exception_handlers={HTTPException: unknown_path, Exception: unexpected},
         lifespan=lifespan,

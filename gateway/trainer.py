@@ -477,7 +477,7 @@ class RouteTrainer:
         report.status = "published" if complete else "partial"
 
 
-async def _top_curves(values: np.ndarray, prompts: list[str], limit: np.ndarray, top: int) -> dict[str, list]:
+def _top_curves(values: np.ndarray, prompts: list[str], limit: np.ndarray, top: int) -> dict[str, list]:
     """The `top` prompts by their best value, each with its value at every N up to its feasible limit."""
     finite = np.where(np.isfinite(values), values, -np.inf)
     best = finite.max(axis=1)

@@ -118,7 +118,10 @@ def test_policies_training_runs_and_rollback_change_what_is_served(gw):
     runs = call(gw, "get", "/admin/training/runs").json()["data"]
     assert runs[0]["status"] == "published" and runs[0]["version"] == report.version
     run = call(gw, "get", f"/admin/training/runs/{runs[0]['run_id']}").json()
-    assert run["spent"] == report.completions and run["trajectory"]["team"] and run["curves"]["team"]
+    assert run["spent"] == report.completions and run["trajectory"]["team"]
+    curves = run["curves"]["team"]  # value at each N of the top prompts, as numbers
+    assert isinstance(curves, dict) and curves
+    assert all(isinstance(v, (int, float)) for values in curves.values() for v in values if v is not None)
     view = call(gw, "get", "/admin/policies/latest").json()
     entry = next(e for e in view["entries"] if e["tier"] == "team")
     assert entry["ranked"] and entry["value"] is not None and entry["value_se"] is not None
