@@ -168,9 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config")
     p.add_argument("--db", help="the store (a SQLite path or a postgresql:// URL); default: the config's store.url")
     ds = p.add_subparsers(dest="action", required=True)
-    ds.add_parser("upgrade", help="bring the store to the newest schema")
+    upgrade = ds.add_parser("upgrade", help="bring the store to the newest schema")
     s = ds.add_parser("copy", help="copy every table into another store (re-runnable: rows are upserted)")
     s.add_argument("--to", required=True, help="the target store, e.g. postgresql://user@host/iapo")
+    for each in (upgrade, s):  # `iapo db copy --db ./iapo.db --to ...` as well as `iapo db --db ... copy`
+        each.add_argument("--config", default=argparse.SUPPRESS)
+        each.add_argument("--db", default=argparse.SUPPRESS, help="the store (default: the config's store.url)")
     p.set_defaults(func=cli_store.cmd_db)
 
     p = sub.add_parser("train", help="re-learn the policy of each route with PSST on logged traffic")
