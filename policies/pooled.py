@@ -17,6 +17,7 @@ import numpy as np
 
 from policies.environments import mv_vote_credit
 from policies.estimators import standard_error
+from policies.shrinkage import Shrinkage
 
 
 @lru_cache(maxsize=64)
@@ -33,22 +34,36 @@ def plugin_vote_credit(counts: np.ndarray, missing: np.ndarray, n_max: int) -> n
     """
     counts = np.asarray(counts, dtype=float)
     valid = counts.sum(axis=1)
-    total = valid + np.asarray(missing, dtype=float)
     out = np.zeros((len(counts), n_max))
     rows = valid > 0
     if not rows.any():
         return out
     probs = counts[rows] / valid[rows, None]
     by_votes = mv_vote_credit(probs, np.zeros(len(probs), dtype=int), n_max)  # credit given k valid votes
-    q = (total[rows] - valid[rows]) / total[rows]  # P(no answer)
-    if np.any(q > 0):
-        k = np.arange(n_max + 1)
-        lost = np.arange(1, n_max + 1)[:, None] - k[None, :]  # (n, k): completions without an answer
-        binom = _binomial_table(n_max)[1:, :]  # C(n, k), n = 1..n_max
-        weights = binom[None] * (1 - q)[:, None, None] ** k * q[:, None, None] ** np.maximum(lost, 0) * (lost >= 0)
-        credit0 = np.concatenate([np.zeros((len(probs), 1)), by_votes], axis=1)  # k = 0 earns 0
-        by_votes = np.einsum("bnk,bk->bn", weights, credit0)
-    out[rows] = by_votes
+    out[rows] = thin(by_votes, counts[rows], np.asarray(missing, dtype=float)[rows])
+    return out
+
+
+def thin(by_votes: np.ndarray, counts: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """Credit at n draws when each draw is an answer with the row's observed rate: (B, n_max) curves
+    by number of valid votes → by number of draws (a binomial mixture; rows without a missing answer
+    are unchanged; rows with no valid answer earn 0)."""
+    valid = np.asarray(counts, dtype=float).sum(axis=1)
+    total = valid + missing
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = np.where(total > 0, missing / total, 1.0)  # P(no answer)
+    rows = q > 0
+    if not rows.any():
+        return by_votes
+    out = by_votes.copy()
+    n_max = by_votes.shape[1]
+    k = np.arange(n_max + 1)
+    lost = np.arange(1, n_max + 1)[:, None] - k[None, :]  # (n, k): completions without an answer
+    binom = _binomial_table(n_max)[1:, :]  # C(n, k), n = 1..n_max
+    qr = q[rows]
+    weights = binom[None] * (1 - qr)[:, None, None] ** k * qr[:, None, None] ** np.maximum(lost, 0) * (lost >= 0)
+    credit0 = np.concatenate([np.zeros((rows.sum(), 1)), by_votes[rows]], axis=1)  # k = 0 earns 0
+    out[rows] = np.einsum("bnk,bk->bn", weights, credit0)
     return out
 
 
@@ -67,7 +82,8 @@ class PooledEstimates:
     without a query key is its own row. Per-prompt sums are kept up to date row by row.
     """
 
-    def __init__(self, weights: np.ndarray, cost_weights: np.ndarray, n_prompts: int, n_max: int) -> None:
+    def __init__(self, weights: np.ndarray, cost_weights: np.ndarray, n_prompts: int, n_max: int,
+                 shrink: bool = False) -> None:
         self.weights = np.asarray(weights, dtype=float)
         self.cost_weights = np.asarray(cost_weights, dtype=float)
         self.n_prompts, self.n_max = n_prompts, n_max
@@ -87,6 +103,8 @@ class PooledEstimates:
         self._anonymous = 0
         self._curve_cache: dict[bytes, np.ndarray] = {}
         self._dirty: list[np.ndarray] = []  # MV rows whose curves are stale (computed in one batch on read)
+        self.shrinkage = Shrinkage(n_prompts, n_max) if shrink else None  # empirical-Bayes MV curves
+        self.n_classes = 0  # MV answer classes seen (integer labels), for the shrinkage atoms
 
     # -- rows -------------------------------------------------------------------------------
     def _row_ids(self, prompt: int, keys: list) -> np.ndarray:
@@ -111,9 +129,9 @@ class PooledEstimates:
     def _set_curves(self, rows: np.ndarray, curves: np.ndarray) -> None:
         """Replace the curves of distinct `rows` (C, len(rows), n_max), keeping per-prompt sums."""
         old = self.curves[:, rows, :]
-        prompts = self.row_prompt[rows]
-        np.add.at(self.sums, (slice(None), prompts), curves - old)
-        np.add.at(self.squares, (slice(None), prompts), curves**2 - old**2)
+        onehot = (self.row_prompt[rows][None, :] == np.arange(self.n_prompts)[:, None]).astype(float)  # (P, R)
+        self.sums += np.einsum("pr,crn->cpn", onehot, curves - old)
+        self.squares += np.einsum("pr,crn->cpn", onehot, curves**2 - old**2)
         self.curves[:, rows, :] = curves
 
     def _add_costs(self, prompt: int, costs: np.ndarray) -> None:
@@ -129,6 +147,7 @@ class PooledEstimates:
         lengths = np.array([len(a) for a in answers])
         if all(isinstance(a, np.ndarray) and a.dtype.kind in "iu" for a in answers):  # simulator classes
             classes = np.concatenate(answers)
+            self.n_classes = max(self.n_classes, int(classes.max(initial=-1)) + 1)
             gold = np.repeat(np.asarray(golds), lengths)
             columns = np.where(classes < 0, -1, np.where(classes == gold, 0, classes + 1))
         else:
@@ -164,7 +183,15 @@ class PooledEstimates:
             return
         touched = np.unique(np.concatenate(self._dirty))
         self._dirty = []
-        quality = self._vote_curves(self.counts[touched], self.missing[touched])
+        if self.shrinkage is not None:  # a prompt's prior moves with any of its rows: redo all its rows
+            touched = np.flatnonzero(np.isin(self.row_prompt, self.row_prompt[touched]))
+            counts = self.counts[touched]
+            # integer labels: classes seen; text answers: the widest row (gold + its distinct wrong answers)
+            classes = self.n_classes or counts.shape[1]
+            quality = thin(self.shrinkage.curves(self.row_prompt[touched], counts, classes), counts,
+                           self.missing[touched].astype(float))
+        else:
+            quality = self._vote_curves(self.counts[touched], self.missing[touched])
         self._set_curves(touched, self.weights[:, :1, None] * quality[None])
 
     def _vote_curves(self, counts: np.ndarray, missing: np.ndarray) -> np.ndarray:

@@ -81,16 +81,27 @@ def test_bon_curve_is_expected_max_of_draws_with_replacement():
             assert est.mean()[c, 0, n - 1] == pytest.approx(brute)
 
 
-def test_psst_pulls_a_fixed_size_and_values_every_scale():
+def test_psst_pulls_one_size_and_values_every_scale():
     trainer = PSST(prompts=["a", "b"], n_max=32, contexts={"only": Context((1.0,), 0.0)}, budget=2000, seed=0,
-                   n_queries=50)
+                   n_queries=500)
     batch = trainer.ask()
-    assert {n for _, n in batch} == {8}
+    assert {n for _, n in batch} == {8}  # enough fresh queries: the smallest pull
     rng = np.random.default_rng(0)
     trainer.tell([(pull[0], pull[1], Outcome(costs=np.full(pull[1], 0.01), gold=1, query=pull.query,
                                              answers=(rng.random(pull[1]) < 0.6).astype(int)))
                   for pull in batch])
     assert np.isfinite(trainer.estimates.mean()).all()  # n above 8 is valued too
+
+
+def test_psst_pulls_grow_when_the_queries_run_out():
+    trainer = PSST(prompts=["a", "b"], n_max=32, contexts={"only": Context((1.0,), 0.0)}, budget=2000, seed=0,
+                   n_queries=50)
+    batch = trainer.ask()
+    sizes = {n for _, n in batch}
+    assert len(sizes) == 1 and 8 < sizes.pop() <= 32
+    per_prompt = [sum(1 for pull in batch if pull[0] == p) for p in ("a", "b")]
+    assert max(per_prompt) <= 50  # one pull per prompt and query at most
+    assert trainer.spent <= 2000
 
 
 def test_pull_size_needs_the_pooled_estimator():

@@ -1,0 +1,206 @@
+"""Empirical-Bayes vote curves: each prompt's own queries teach what its answer distributions look like.
+
+The plug-in curve of a (prompt, query) row votes with the row's empirical answer distribution, and
+from a few completions that is biased at large n, unequally by prompt: a prompt that is right 60%
+of the time with its wrong answers spread out wins nearly every vote at n = 32, yet a pool of 8
+often shows a tie or a wrong plurality, so its curve is pulled far down (−0.14 at n = 32 on the
+deceptive synthetic task), while a confident prompt's curve is almost unbiased. Shrinkage removes
+most of that without larger pulls: the answer distribution of prompt p on a query is modelled as
+drawn from a prior G_p over a grid of distributions ("atoms": gold share g, one dominant wrong
+answer t, the rest u spread over the other L − 2 classes), G_p is fitted to all of p's rows by
+maximum likelihood (the nonparametric MLE, by EM on the grid), and a row's curve is the posterior
+mean of the exact vote credit of the atoms given its counts. A prompt that is steady on its other
+queries is judged steady on this one; a confident one stays confident. No constant is tuned to a
+task: the grid is fixed, the prior is learned from what each prompt shows.
+
+The likelihood is exact for the atom family with unlabelled wrong answers (which wrong answer is the
+dominant one is summed over), so rows never need class labels beyond "gold" and "not gold".
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from policies.environments import mv_vote_credit
+
+__all__ = ["atom_grid", "atom_credit", "atom_loglik", "fit_prior", "Shrinkage", "RESOLUTION", "SPLITS", "MAX_CLASSES"]
+
+RESOLUTION = 20  # gold-share grid intervals (Chebyshev points: dense near 0 and 1, where voting gains are small)
+SPLITS = 5  # grid of the dominant wrong answer's share of the wrong mass, from even (1/(L−1)) to all of it
+MAX_CLASSES = 12  # beyond this many answer classes the spread-out rest never wins a vote anyway
+EM_STEPS = 20  # per refit, warm-started from the previous prior (half that per cross-validation fold)
+
+
+@lru_cache(maxsize=16)
+def atom_grid(n_classes: int, resolution: int = RESOLUTION) -> np.ndarray:
+    """Atoms (A, 3): gold share g, dominant wrong share t, each other wrong class u = (1−g−t)/(L−2).
+
+    g runs over Chebyshev points of [0, 1] (a coarse grid near 1 would invent voting gains: an easy
+    query answered right 98% of the time must not look like a mix of 100% and 92%); t = s(1 − g)
+    with s, the dominant wrong answer's share of the wrong mass, from 1/(L−1) (wrong answers spread
+    evenly) to 1 (one wrong answer). For L = 2 there is no rest: t = 1 − g."""
+    g = np.unique(np.round((1 - np.cos(np.pi * np.arange(resolution + 1) / resolution)) / 2, 12))
+    shares = np.linspace(1.0 / (n_classes - 1), 1.0, SPLITS) if n_classes > 2 else np.ones(1)
+    G, S = (a.ravel() for a in np.meshgrid(g, shares, indexing="ij"))
+    t = S * (1 - G)
+    u = (1 - G - t) / (n_classes - 2) if n_classes > 2 else np.zeros_like(G)
+    atoms = np.stack([G, t, np.maximum(u, 0.0)], axis=1)
+    return np.unique(np.round(atoms, 12), axis=0)  # g = 1 is one atom, whatever s
+
+
+@lru_cache(maxsize=16)
+def atom_credit(n_classes: int, n_max: int, resolution: int = RESOLUTION) -> np.ndarray:
+    """Exact expected vote credit (A, n_max) of n draws from each atom."""
+    atoms = atom_grid(n_classes, resolution)
+    probs = np.concatenate([atoms[:, :2], np.repeat(atoms[:, 2:], max(n_classes - 2, 0), axis=1)], axis=1)
+    return mv_vote_credit(probs, np.zeros(len(probs), dtype=int), n_max)
+
+
+def _falling(n: int, k: np.ndarray) -> np.ndarray:
+    """log n!/(n−k)! per entry of k (−inf when k > n or k < 0)."""
+    logs = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, max(n, 0) + 1)))])
+    ok = (k >= 0) & (k <= n)
+    return np.where(ok, logs[np.clip(n, 0, None)] - logs[np.clip(n - k, 0, n)], -np.inf)
+
+
+def _xlogy(c: np.ndarray, p: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(c > 0, c * np.log(p), 0.0)
+
+
+def atom_loglik(signatures: np.ndarray, n_classes: int, resolution: int = RESOLUTION) -> np.ndarray:
+    """log P(counts | atom) up to a per-row constant, (S, A), for rows of counts (S, 1 + W): gold
+    count, then the wrong answers' counts (any order, zeros allowed). Exact for unlabelled wrong
+    answers: g^c_g × [Σ_j t^c_j u^(m_w − c_j) (L−2)!/(L−1−d)! + u^m_w (L−2)!/(L−2−d)!], d the number of
+    distinct wrong answers seen."""
+    atoms = atom_grid(n_classes, resolution)
+    g, t, u = (atoms[None, :, i] for i in range(3))
+    counts = np.asarray(signatures, dtype=float)
+    cg, cw = counts[:, :1], counts[:, 1:]
+    mw = cw.sum(axis=1, keepdims=True)
+    d = (cw > 0).sum(axis=1)
+    rest = n_classes - 2
+    one_dominant = np.full((len(counts), atoms.shape[0]), -np.inf)
+    for j in range(cw.shape[1]):  # W ≤ the widest row's distinct wrong answers: a few columns
+        cj = cw[:, j:j + 1]
+        term = np.where(cj > 0, _xlogy(cj, t) + _xlogy(mw - cj, u), -np.inf)
+        one_dominant = np.logaddexp(one_dominant, term)
+    none_dominant = _xlogy(mw, u)
+    with np.errstate(invalid="ignore"):
+        bracket = np.logaddexp(one_dominant + _falling(rest, d - 1)[:, None], none_dominant + _falling(rest, d)[:, None])
+    out = _xlogy(cg, g) + np.where(mw > 0, bracket, 0.0)
+    return np.where(np.isnan(out), -np.inf, out)
+
+
+def fit_prior(lik: np.ndarray, mult: np.ndarray, group: np.ndarray, n_groups: int, start: np.ndarray,
+              steps: int = EM_STEPS, anchor: np.ndarray | None = None, kappa: float | np.ndarray = 0.0) -> np.ndarray:
+    """NPMLE of one prior per group by EM: lik (E, A) likelihoods (rows scaled freely), mult (E,)
+    multiplicities, group (E,) sorted group index; start (n_groups, A). With `anchor` (A,), group
+    g's prior is pulled toward it by kappa[g] rows' worth (MAP under a Dirichlet). Returns (n_groups, A)."""
+    w = start.copy()
+    if len(lik) == 0:
+        return w
+    bounds = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    groups = group[bounds]
+    total = np.add.reduceat(mult, bounds)[:, None]
+    kappa = np.minimum(np.broadcast_to(np.asarray(kappa, dtype=float), (n_groups,))[groups], 1e12)[:, None]
+    pseudo = 0.0 if anchor is None else kappa * anchor[None, :]
+    for _ in range(steps):
+        post = lik * w[group]
+        post /= np.maximum(post.sum(axis=1, keepdims=True), 1e-300)
+        w[groups] = (np.add.reduceat(post * mult[:, None], bounds, axis=0) + pseudo) / (total + kappa)
+    return w
+
+
+KAPPAS = np.array([0.0, 10.0, 30.0, 100.0, np.inf])  # rows' worth of the common prior in a prompt's prior
+
+
+class Shrinkage:
+    """Per-prompt priors and the cache of per-signature likelihoods for one estimates object.
+
+    Each prompt's prior is its own NPMLE pulled toward the prior common to all prompts by κ_p rows'
+    worth of it (κ = 0: its own; ∞: the common one). κ_p is chosen per prompt by two-fold
+    cross-validated likelihood of its rows, so a prompt shares the common prior when its answers
+    look like everyone's and keeps its own when they do not (`kappa` fixes it for all instead).
+    """
+
+    def __init__(self, n_prompts: int, n_max: int, resolution: int = RESOLUTION, kappa: float | None = None,
+                 level: bool = True) -> None:
+        self.n_prompts, self.n_max, self.resolution = n_prompts, n_max, resolution
+        self.fixed_kappa, self.level = kappa, level
+        self.kappa = np.full(n_prompts, np.inf if kappa is None else kappa)
+        self.n_classes = 0
+        self._reset(2)
+
+    def _reset(self, n_classes: int) -> None:
+        self.n_classes = min(max(n_classes, 2), MAX_CLASSES)
+        atoms = atom_grid(self.n_classes, self.resolution)
+        self.prior = np.full((self.n_prompts, len(atoms)), 1.0 / len(atoms))
+        self.common = self.prior[:1].copy()
+        self.credit = atom_credit(self.n_classes, self.n_max, self.resolution)
+        self.index: dict[bytes, int] = {}
+        self.lik = np.zeros((0, len(atoms)))
+        self._chosen_at = 0  # rows when κ was last chosen
+
+    def _signatures(self, counts: np.ndarray) -> np.ndarray:
+        """Likelihood-cache index of each row's signature (gold count, sorted wrong counts)."""
+        sig = np.concatenate([counts[:, :1], -np.sort(-counts[:, 1:], axis=1)], axis=1).astype(np.int64)
+        sig = sig[:, : 1 + max(1, int((sig[:, 1:] > 0).sum(axis=1).max(initial=0)))]
+        distinct, inverse = np.unique(sig, axis=0, return_inverse=True)
+        keys = [row.tobytes() for row in distinct]
+        new = [i for i, k in enumerate(keys) if k not in self.index]
+        if new:
+            ll = atom_loglik(distinct[new], self.n_classes, self.resolution)
+            self.index.update({keys[i]: len(self.lik) + j for j, i in enumerate(new)})
+            self.lik = np.concatenate([self.lik, np.exp(ll - ll.max(axis=1, keepdims=True))])
+        return np.array([self.index[k] for k in keys])[inverse.reshape(-1)]
+
+    def _fit(self, prompt_of: np.ndarray, row_sig: np.ndarray, kappas: list, steps: int = EM_STEPS
+             ) -> tuple[list[np.ndarray], np.ndarray]:
+        """Per-prompt priors (n_prompts, A) for each κ, fitted to rows by EM on distinct (prompt,
+        signature) pairs, warm-started from the current priors; also updates the common prior."""
+        pairs, mult = np.unique(np.stack([prompt_of, row_sig], axis=1), axis=0, return_counts=True)
+        lik, mult = self.lik[pairs[:, 1]], mult.astype(float)
+        common = fit_prior(lik, mult, np.zeros(len(pairs), dtype=int), 1, self.common, steps)
+        return [np.repeat(common, self.n_prompts, axis=0) if np.all(np.isinf(kappa)) else
+                fit_prior(lik, mult, pairs[:, 0], self.n_prompts, self.prior, steps, anchor=common[0], kappa=kappa)
+                for kappa in kappas], common
+
+    def _choose_kappa(self, prompt_of: np.ndarray, row_sig: np.ndarray) -> np.ndarray:
+        """Per prompt the κ with the best two-fold held-out log-likelihood of its rows (folds:
+        alternate rows of each prompt); prompts without rows keep the common prior."""
+        order = np.argsort(prompt_of, kind="stable")
+        fold = np.empty(len(order), dtype=int)
+        fold[order] = np.arange(len(order)) % 2
+        score = np.zeros((len(KAPPAS), self.n_prompts))
+        for f in (0, 1):
+            train, test = fold != f, fold == f
+            priors, _ = self._fit(prompt_of[train], row_sig[train], list(KAPPAS), steps=EM_STEPS // 2)
+            for k, prior in enumerate(priors):
+                fit = (self.lik[row_sig[test]] * prior[prompt_of[test]]).sum(axis=1)
+                score[k] += np.bincount(prompt_of[test], np.log(np.maximum(fit, 1e-300)), minlength=self.n_prompts)
+        kappa = self.kappa.copy()
+        seen = np.unique(prompt_of)
+        kappa[seen] = KAPPAS[np.argmax(score[:, seen], axis=0)]
+        return kappa
+
+    def curves(self, prompt_of: np.ndarray, counts: np.ndarray, n_classes: int) -> np.ndarray:
+        """Posterior-mean credit curves (R, n_max) for rows of valid-answer counts (R, 1 + W) (gold
+        first), refitting the priors from exactly these rows (all of each given prompt's rows)."""
+        if min(max(n_classes, 2), MAX_CLASSES) != self.n_classes:
+            self._reset(n_classes)
+        row_sig = self._signatures(counts)
+        if self.fixed_kappa is None and len(row_sig) >= 1.5 * self._chosen_at:  # again as the rows grow
+            self.kappa, self._chosen_at = self._choose_kappa(prompt_of, row_sig), len(row_sig)
+        (self.prior,), self.common = self._fit(prompt_of, row_sig, [self.kappa])
+        post = self.lik[row_sig] * self.prior[prompt_of]
+        post /= np.maximum(post.sum(axis=1, keepdims=True), 1e-300)
+        curves = post @ self.credit
+        if self.level:  # each prompt's mean single-draw accuracy as observed (unbiased), the prior's gains on top
+            valid = counts.sum(axis=1)
+            own = np.where(valid > 0, counts[:, 0] / np.maximum(valid, 1), curves[:, 0])
+            shift = np.bincount(prompt_of, own - curves[:, 0], self.n_prompts) / np.maximum(
+                np.bincount(prompt_of, minlength=self.n_prompts), 1)
+            curves = curves + shift[prompt_of, None]
+        return curves
