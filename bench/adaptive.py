@@ -1,0 +1,126 @@
+"""Adaptive N benchmark (not a test): the best fixed arm against the best sequential arm, per tier.
+
+    python bench/adaptive.py [--envs math,synth-mv] [--top 3] [--workers 2]
+
+For each environment and tier (λ), every fixed arm (prompt, N ≤ n_max) is valued exactly
+(policies.environments), and sequential arms (prompt, N_max ≤ n_max, waves, stopping rule) are valued
+exactly by policies.stopping on the tier's `top` best prompts (by fixed value). Utility of an arm is
+mean credit − λ · cost per completion · expected completions. Reported per tier: the best fixed arm; the
+best sequential arm; and, at utility equal to the best fixed arm's or better (and within 0.001 and
+0.005 below it), the sequential arm with the fewest completions per request; the same for each wave
+schedule, since waves are latency. Values are over all
+queries of each environment (an oracle comparison of arm families: no training, no sampling noise).
+Writes bench/results/adaptive.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from policies.environments import MVEnvironment, synthetic_mv  # noqa: E402
+from policies.stopping import StoppingRule, Waves, sequential_mv, sequential_mv_caps  # noqa: E402
+
+MATH = ROOT.parent / "shared" / "data" / "math_mv.npz"
+RESULTS = ROOT / "bench" / "results"
+WAVES = (Waves(1, 1), Waves(2, 2), Waves(4, 4), Waves(8, 8))
+LEADS = (2, 3, 4, 6)
+SETTLED_CAPS = (8, 16, 32)
+
+
+def environment(name: str) -> MVEnvironment:
+    if name == "math":
+        if not MATH.exists():
+            sys.exit(f"missing {MATH}: the MATH replay data lives in ../shared/data")
+        return MVEnvironment.load(str(MATH))
+    if name == "synth-mv":
+        return synthetic_mv(seed=0)
+    raise SystemExit(f"unknown environment {name}")
+
+
+def sequential_arms(args) -> list[dict]:
+    """Every sequential arm of one prompt: (N_max, waves, rule) → mean credit, completions, waves."""
+    env_name, prompt = args
+    env = environment(env_name)
+    probs, gold = env.answer_probs[prompt], env.gold
+    rows = []
+    for waves in WAVES:
+        walks = [(rule, sequential_mv_caps(probs, gold, range(1, env.n_max + 1), waves, rule))
+                 for rule in (StoppingRule("lead", lead=d) for d in LEADS)]
+        walks += [(StoppingRule("settled"), {cap: sequential_mv(probs, gold, cap, waves, StoppingRule("settled"))})
+                  for cap in SETTLED_CAPS if cap <= env.n_max]
+        for rule, by_cap in walks:
+            for cap, value in by_cap.items():
+                rows.append({"prompt": prompt, "n_max": cap, "waves": str(waves), "rule": str(rule),
+                             "credit": float(value.credit.mean()), "completions": float(value.completions.mean()),
+                             "waves_per_request": float(value.waves.mean())})
+    return rows
+
+
+def best_fixed(env: MVEnvironment, weight: float) -> dict:
+    credit = env.credit().mean(axis=1)  # (P, N)
+    N = np.arange(1, env.n_max + 1)
+    utility = credit - weight * env.cost[:, None] * N[None, :]
+    p, n = np.unravel_index(np.argmax(utility), utility.shape)
+    return {"prompt": int(p), "n": int(n + 1), "credit": float(credit[p, n]), "completions": float(n + 1),
+            "waves_per_request": 1.0, "utility": float(utility[p, n])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--envs", default="math,synth-mv")
+    parser.add_argument("--top", type=int, default=3, help="sequential arms for each tier's best prompts")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    started, report = time.time(), {"environments": {}}
+    for name in args.envs.split(","):
+        env = environment(name)
+        credit = env.credit().mean(axis=1)
+        N = np.arange(1, env.n_max + 1)
+        prompts = set()
+        for weight in env.tier_cost_weight:
+            best_by_prompt = (credit - weight * env.cost[:, None] * N[None, :]).max(axis=1)
+            prompts |= set(int(p) for p in np.argsort(-best_by_prompt)[: args.top])
+        with Pool(args.workers) as pool:
+            arms = [row for rows in pool.map(sequential_arms, [(name, p) for p in sorted(prompts)]) for row in rows]
+        tiers = {}
+        for tier, weight in zip(env.tier_names, env.tier_cost_weight):
+            fixed = best_fixed(env, weight)
+            for arm in arms:
+                arm["utility"] = arm["credit"] - weight * float(env.cost[arm["prompt"]]) * arm["completions"]
+            best = max(arms, key=lambda a: a["utility"])
+            cheapest = {}
+            for slack in (0.0, 0.001, 0.005):
+                fits = [a for a in arms if a["utility"] >= fixed["utility"] - slack - 1e-12]
+                cheapest[str(slack)] = dict(min(fits, key=lambda a: a["completions"])) if fits else None
+            by_waves = {}
+            for waves in WAVES:
+                mine = [a for a in arms if a["waves"] == str(waves)]
+                fits = [a for a in mine if a["utility"] >= fixed["utility"] - 1e-12]
+                by_waves[str(waves)] = {"best": dict(max(mine, key=lambda a: a["utility"])),
+                                        "fewest_completions_at_fixed_utility":
+                                            dict(min(fits, key=lambda a: a["completions"])) if fits else None}
+            tiers[tier] = {"cost_weight": weight, "best_fixed": fixed, "best_sequential": dict(best),
+                           "fewest_completions_at_fixed_utility_minus": cheapest, "by_waves": by_waves}
+            ratio = cheapest["0.0"]["completions"] / fixed["completions"] if cheapest["0.0"] else float("nan")
+            print(f"{name:9s} {tier:5s} λ={weight:<4} fixed p{fixed['prompt']} N={fixed['n']:2d} "
+                  f"u={fixed['utility']:.4f} | best seq p{best['prompt']} {best['rule']} N_max={best['n_max']} "
+                  f"waves {best['waves']} u={best['utility']:.4f} comp={best['completions']:.2f} "
+                  f"w={best['waves_per_request']:.2f} | equal-utility completions ratio {ratio:.3f}", flush=True)
+        report["environments"][name] = {"prompts_searched": sorted(prompts), "tiers": tiers, "arms": len(arms)}
+    report["seconds"] = round(time.time() - started, 1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "adaptive.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {RESULTS / 'adaptive.json'} in {report['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
