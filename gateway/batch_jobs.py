@@ -38,6 +38,14 @@ class BatchClient:
         await self.session.close()
 
     async def _json(self, method: str, path: str, **kwargs) -> dict:
+        data = await self._bytes(method, path, **kwargs)
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise UpstreamError("bad_response", f"batch API {path} answered something that is not JSON") from None
+
+    async def _bytes(self, method: str, path: str, **kwargs) -> bytes:
+        """The answer's body; every failure (status, timeout, connection) as an UpstreamError."""
         try:
             async with self.session.request(method, self.base + path, headers=self.headers,
                                             timeout=aiohttp.ClientTimeout(total=self.upstream.config.timeout),
@@ -46,7 +54,7 @@ class BatchClient:
                 if r.status >= 400:
                     raise UpstreamError(kind_of_status(r.status), f"batch API {path} answered {r.status}: "
                                                                   f"{data[:200].decode('utf-8', 'replace')}", r.status)
-                return json.loads(data) if r.content_type != "application/jsonl" else {"text": data.decode()}
+                return data
         except asyncio.TimeoutError:
             raise UpstreamError("timeout", f"batch API {path} timed out") from None
         except aiohttp.ClientError as exc:
@@ -60,10 +68,10 @@ class BatchClient:
         form.add_field("purpose", "batch")
         form.add_field("file", lines.encode(), filename="iapo-explore.jsonl", content_type="application/jsonl")
         uploaded = await self._json("POST", "/files", data=form)
-        batch = await self._json("POST", "/batches", json={"input_file_id": uploaded["id"],
+        batch = await self._json("POST", "/batches", json={"input_file_id": _id_of(uploaded, "/files"),
                                                            "endpoint": "/v1/chat/completions",
                                                            "completion_window": "24h"})
-        return batch["id"]
+        return _id_of(batch, "/batches")
 
     async def status(self, batch_id: str) -> dict:
         return await self._json("GET", f"/batches/{batch_id}")
@@ -81,20 +89,22 @@ class BatchClient:
         """custom id -> the answer's body (a chat.completion), or {"error": ...} for a line that failed."""
         if not batch.get("output_file_id"):
             return {}
-        text = await self._text(f"/files/{batch['output_file_id']}/content")
+        text = (await self._bytes("GET", f"/files/{batch['output_file_id']}/content")).decode("utf-8", "replace")
         out = {}
         for line in text.splitlines():
-            if not line.strip():
-                continue
-            item = json.loads(line)
-            response = item.get("response") or {}
+            try:
+                item = json.loads(line) if line.strip() else None
+            except ValueError:
+                item = None
+            if not isinstance(item, dict) or not isinstance(item.get("custom_id"), str):
+                continue  # a line we cannot read: its pull counts as missing and is bought again
+            response = item.get("response") if isinstance(item.get("response"), dict) else {}
             out[item["custom_id"]] = response.get("body") if response.get("status_code") == 200 else \
                 {"error": item.get("error") or response.get("body")}
         return out
 
-    async def _text(self, path: str) -> str:
-        async with self.session.get(self.base + path, headers=self.headers,
-                                    timeout=aiohttp.ClientTimeout(total=self.upstream.config.timeout)) as r:
-            if r.status >= 400:
-                raise UpstreamError(kind_of_status(r.status), f"batch API {path} answered {r.status}", r.status)
-            return (await r.read()).decode()
+
+def _id_of(answer: dict, path: str) -> str:
+    if not isinstance(answer, dict) or not isinstance(answer.get("id"), str):
+        raise UpstreamError("bad_response", f"batch API {path} answered without an id")
+    return answer["id"]

@@ -207,7 +207,9 @@ class Pipeline:
             return
         svc = self.service
         scoring = rt.scorers[plan.route.model].timeout if plan.route is not None and plan.route.model in rt.scorers else 0
-        expires = time.time() + plan.upstream.deadline_s + scoring + rt.settings.store.reservation_grace_seconds
+        waves = wave_plan(plan, caller.tier)
+        calls = len(waves.ends(plan.n)) if waves is not None else 1  # an adaptive request calls once per wave
+        expires = time.time() + plan.upstream.deadline_s * calls + scoring + rt.settings.store.reservation_grace_seconds
         degrade = plan.route is not None and caller.tier.on_exhausted == "degrade"
         fallbacks = self._fallbacks(rt, call, ticket) if degrade else []
         where = dict(owner=svc.instance_id, expires_at=expires, reservation_id=ticket.record.id)
@@ -252,7 +254,7 @@ class Pipeline:
         plan, record = ticket.plan, ticket.record
         draw, choice = Draw([]), None
         try:
-            draw = await self._draw(rt, plan, ticket.caller.tier, record)
+            await self._draw(rt, plan, ticket.caller.tier, record, draw, relay)
             completions = self._price_unknown(draw.completions, plan)
             ticket.upstream_s = max((c.latency_s for c in completions), default=0.0)
             record.upstream_id = ",".join(draw.upstream_ids)[:500] or None
@@ -283,23 +285,31 @@ class Pipeline:
         logged = await self._finish(ticket, status, completions, choice=choice)
         return Outcome(200, body, self._headers(ticket, logged))
 
-    async def _draw(self, rt: Runtime, plan: Plan, tier, record: RequestRecord) -> Draw:
+    async def _draw(self, rt: Runtime, plan: Plan, tier, record: RequestRecord, draw: Draw,
+                    relay: Relay | None = None) -> None:
         """The arm's N in one call, or, on a tier with `adaptive` and a majority-vote route, in waves
-        until the vote is settled (the reservation covers all N; settle books what was drawn)."""
+        until the vote is settled (the reservation covers all N; settle books what was drawn). Fills
+        `draw` in place, so waves already paid for are settled even if a later one is interrupted."""
+        waves = wave_plan(plan, tier)
+        if waves is None:
+            draw.extend(await plan.upstream.draw(plan.body, plan.n))
+            return
         adaptive = tier.adaptive
-        if adaptive is None or plan.route.aggregator != "mv" or plan.n == 1:
-            return await plan.upstream.draw(plan.body, plan.n)
         rule = StoppingRule(adaptive.rule, adaptive.lead if adaptive.rule == "lead" else 0)
         extract = rt.extractors[plan.route.model]
-        draw, answers, drawn = Draw([]), [], 0
-        for record.waves, end in enumerate(Waves(adaptive.first_wave, adaptive.wave, adaptive.max_waves).ends(plan.n), 1):
-            part = await plan.upstream.draw(plan.body, int(end) - drawn)
+        answers, drawn = [], 0
+        for record.waves, end in enumerate(waves.ends(plan.n), 1):
+            body = plan.body
+            if drawn and isinstance(body.get("seed"), int):  # a seeded provider would repeat wave 1's answers
+                body = {**body, "seed": body["seed"] + drawn}
+            part = await plan.upstream.draw(body, int(end) - drawn)
             draw.extend(part)
             drawn = int(end)
             answers += [answer_of(c.message, extract) if not c.error else None for c in part.completions]
             if settled(answers, drawn, plan.n, rule):
                 break
-        return draw
+            if all(c.error for c in part.completions) or (relay is not None and relay.client_gone):
+                break  # a failing upstream, or nobody waiting: do not pay for more waves
 
     def _price_unknown(self, completions: list[Completion], plan: Plan) -> list[Completion]:
         """Completions the provider may have billed without saying how much (no usage, or a timeout after
@@ -550,6 +560,14 @@ class Pipeline:
         overhead = max(0.0, (time.perf_counter() - ticket.started - ticket.upstream_s) * 1000)
         headers["x-iapo-overhead-ms"] = f"{overhead:.2f}"
         return headers
+
+
+def wave_plan(plan: Plan, tier) -> Waves | None:
+    """The waves an adaptive tier draws this plan's N in (majority-vote routes, N > 1), else None."""
+    adaptive = tier.adaptive
+    if adaptive is None or plan.route is None or plan.route.aggregator != "mv" or plan.n == 1:
+        return None
+    return Waves(adaptive.first_wave, adaptive.wave, adaptive.max_waves)
 
 
 def _limit_if_bounded(endpoint: str, body: dict, tier, rt: Runtime, key_caps: dict | None) -> str | None:

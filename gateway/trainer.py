@@ -23,7 +23,7 @@ from typing import Callable
 import httpx
 import numpy as np
 
-from gateway.batch_jobs import BatchClient, BatchUnsupported
+from gateway.batch_jobs import FINAL, BatchClient, BatchUnsupported
 from gateway.config import Route, Settings
 from gateway.transports import UpstreamError
 from gateway.prompting import apply_arm
@@ -265,7 +265,7 @@ class RouteTrainer:
         for r in served:
             if r["query_key"] not in gold or self.prompt_versions.get(r["prompt_id"]) != r["prompt_version"]:
                 continue
-            if len(r["costs"]) != r["n"]:  # an adaptive request stopped on what it saw: a biased sample
+            if len(r["costs"]) != r["n"]:  # not the whole arm (served_pulls already leaves adaptive requests out)
                 continue
             if self.route.aggregator == "mv":
                 outcome = Outcome(costs=np.array(r["costs"]), answers=r["answers"], gold=gold[r["query_key"]],
@@ -375,12 +375,14 @@ class RouteTrainer:
     async def _batch_round(self, db, writer: LogWriter, ledger: SpendLedger, run_id: str, round_no: int,
                            to_buy: list) -> list:
         """The round's pulls as one provider batch job (or the job an earlier invocation submitted for it);
-        TrainingWaiting while it runs past `train.batch_wait_seconds`."""
+        TrainingWaiting while it runs past `train.batch_wait_seconds`. Whatever a final batch answered is
+        logged (an expired or cancelled batch still bills what it finished); pulls without an answer
+        end the invocation, and the next one buys only those, in a new batch."""
         batches = TrainingBatches(db)
         known = batches.of(run_id, round_no)
         try:
             async with BatchClient(self.upstream) as client:
-                if known is None or known["status"] in ("failed", "expired", "cancelled"):
+                if known is None or known["status"] in ("failed", "expired", "cancelled", "consumed"):
                     requests = [(f"{run_id}:{seq}", {**body, "n": pull[1]} if pull[1] > 1 else body)
                                 for seq, pull, _, body, _ in to_buy]
                     batch_id = await client.submit(requests)
@@ -389,23 +391,29 @@ class RouteTrainer:
                     batch_id = known["batch_id"]
                 batch = await client.wait(batch_id, poll_s=self.config.batch_poll_seconds,
                                           timeout_s=self.config.batch_wait_seconds)
-                if batch.get("status") != "completed":
-                    if batch.get("status") in ("failed", "expired", "cancelled"):
-                        batches.status(run_id, round_no, batch["status"])
-                        raise TrainingFault(f"batch {batch_id} of round {round_no} {batch['status']}")
+                status = batch.get("status")
+                if status not in FINAL:
                     raise TrainingWaiting(f"batch {batch_id} (round {round_no}, {len(to_buy)} pulls) is "
-                                          f"{batch.get('status')}; run iapo train again to continue this run")
+                                          f"{status}; run iapo train again to continue this run")
                 answers = await client.results(batch)
         except (BatchUnsupported, UpstreamError) as exc:
             raise TrainingFault(f"batch exploration: {exc}") from None
-        bought = []
+        bought, missing = [], []
         for seq, pull, query, body, _ in to_buy:
             data = answers.get(f"{run_id}:{seq}")
-            if not isinstance(data, dict) or "error" in data:
-                raise TrainingFault(f"batch {batch_id}: pull {seq} failed ({(data or {}).get('error')})")
+            if not isinstance(data, dict) or "error" in data or not data.get("choices"):
+                missing.append(seq)
+                continue
             completions = self.upstream.split(data, 0.0, pull[1]).completions  # a batch answers where it was sent
+            if len(completions) < pull[1]:
+                missing.append(seq)  # fewer choices than asked (a provider that ignores n): bought again
+                continue
             bought.append(await self._record_pull(writer, ledger, run_id, seq, pull, query, body, completions))
-        batches.status(run_id, round_no, "completed")
+        batches.status(run_id, round_no, "completed" if status == "completed" and not missing else "consumed")
+        if missing:
+            raise TrainingFault(f"batch {batch_id} of round {round_no} ended {status} with {len(missing)} of "
+                                f"{len(to_buy)} pulls unanswered; the {len(bought)} answered are logged, and the "
+                                "next `iapo train` buys the rest")
         return bought
 
     async def _pull(self, writer: LogWriter, ledger: SpendLedger, run_id: str, seq: int, pull, query: dict, body: dict):

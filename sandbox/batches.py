@@ -4,7 +4,7 @@ create a batch over it, and after a configurable delay its output file holds one
     POST /v1/files (multipart: file, purpose=batch)     GET /v1/files/{id}/content
     POST /v1/batches {input_file_id, endpoint, completion_window}
     GET  /v1/batches/{id}                                POST /v1/batches/{id}/cancel
-    POST /admin/batches {"delay_s": ...}                 (the delay before a batch completes)
+    POST /admin/batches {"delay_s": ..., "fail_every": k} (the delay before a batch completes; every k-th line fails)
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ class BatchService:
     def __init__(self, answer: Callable[[dict], dict], delay_s: float = 0.5) -> None:
         self.answer = answer
         self.delay_s = delay_s
+        self.fail_every = 0  # every k-th line of a batch fails (0: none), as a provider's failed requests do
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict] = {}
         self.tasks: set[asyncio.Task] = set()
@@ -75,9 +76,11 @@ class BatchService:
         if batch["status"] != "in_progress":
             return
         out = []
-        for line in lines:
+        for i, line in enumerate(lines, start=1):
             item = json.loads(line)
             try:
+                if self.fail_every and i % self.fail_every == 0:
+                    raise RuntimeError("the replay batch was told to fail this line")
                 response = {"status_code": 200, "request_id": uuid.uuid4().hex, "body": self.answer(item["body"])}
                 batch["request_counts"]["completed"] += 1
             except Exception as exc:  # an answer that fails is that line's error, not the batch's
@@ -105,7 +108,9 @@ class BatchService:
         body = json.loads(await request.body() or b"{}")
         if "delay_s" in body:
             self.delay_s = float(body["delay_s"])
-        return JSONResponse({"delay_s": self.delay_s, "batches": len(self.batches)})
+        if "fail_every" in body:
+            self.fail_every = int(body["fail_every"])
+        return JSONResponse({"delay_s": self.delay_s, "fail_every": self.fail_every, "batches": len(self.batches)})
 
 
 def _multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:

@@ -44,11 +44,13 @@ def training_queries(db: Database, route: str, *, since: float, limit: int) -> l
 
 def served_pulls(db: Database, route: str, *, since: float, until: float | None = None) -> list[dict]:
     """Requests served on a route in [since, until): (query_key, prompt_id, n) with their completions'
-    answers and costs, in a stable order (a resumed training run must be offered exactly the same)."""
+    answers and costs, in a stable order (a resumed training run must be offered exactly the same).
+    Adaptive requests are left out, whether they stopped early or not: when they stopped depended on
+    what they drew, so their answers are a biased sample of the prompt's."""
     until = float("inf") if until is None else until
     requests = list(db.query(
         "select id, query_key, prompt_id, prompt_version, n from requests where route = ? and kind = 'serve'"
-        " and status = 200 and created >= ? and created < ? and failed = 0 order by created, id",
+        " and status = 200 and created >= ? and created < ? and failed = 0 and waves is null order by created, id",
         [route, since, until]))
     if not requests:
         return []

@@ -85,3 +85,33 @@ def test_a_tier_without_adaptive_draws_all_n_at_once(gw, scripted):
     body, headers = ask(gw, "fixed")
     assert drawn(scripted) == [8] and "waves" not in body["iapo"] and "x-iapo-waves" not in headers
     assert gw.row(body["id"])["waves"] is None
+
+
+def test_each_wave_gets_its_own_seed(gw, scripted):
+    scripted.script.update({"content": "\\boxed{7}"})
+    gw.client(KEYS["settled"]).chat.completions.create(model="vote", messages=ASK, seed=5)
+    seeds = [rec["body"].get("seed") for rec in scripted.records if rec["path"].endswith("/chat/completions")]
+    assert seeds == [5, 7, 9]  # a seeded provider would otherwise answer every wave as it answered the first
+
+
+def test_a_wave_that_fails_entirely_ends_the_request(gw, scripted):
+    scripted.script.update({"error_rate": 1.0})
+    r = gw.client(KEYS["settled"]).chat.completions.with_raw_response.create
+    with pytest.raises(Exception):
+        r(model="vote", messages=ASK)
+    assert drawn(scripted) == [2]  # no second wave into a failing upstream
+    assert gw.spend("tier:settled")["reserved"] == 0
+
+
+def test_training_is_not_offered_adaptive_requests(gw, scripted):
+    from store.database import open_database
+    from store.queries import served_pulls
+
+    scripted.script.update({"content": "\\boxed{7}"})
+    adaptive, _ = ask(gw, "settled")
+    fixed, _ = ask(gw, "fixed")
+    gw.gateway.writer.flush()
+    db = open_database(gw.db_path)
+    offered = {r["id"] for r in served_pulls(db, "vote", since=0)}
+    db.close()
+    assert fixed["id"] in offered and adaptive["id"] not in offered

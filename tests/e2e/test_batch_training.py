@@ -92,3 +92,25 @@ def test_iapo_train_exits_while_a_batch_is_out_and_the_next_call_continues_the_r
     assert db.execute("select run_id from training_runs").fetchone()[0] == run_id
     rounds = db.query("select round, batch_id from training_batches order by round")
     assert rounds[0]["round"] == 1 and len({r["batch_id"] for r in rounds}) == len(rounds)  # round 1 submitted once
+
+
+def test_a_batch_with_failed_lines_logs_what_came_back_and_the_next_run_buys_only_the_rest(start_gateway, replay,
+                                                                                            math_env):
+    gw = start_gateway(config(replay, math_env, mode="batch"))
+    serve_traffic(gw)
+    cmd = [sys.executable, "-m", "gateway.cli", "train", "--config", str(gw.config_path)]
+    httpx.post(f"{replay.url}/admin/batches", json={"delay_s": 0.1, "fail_every": 3})
+    try:
+        first = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    finally:
+        httpx.post(f"{replay.url}/admin/batches", json={"delay_s": 0.5, "fail_every": 0})
+    assert first.returncode == 1 and "unanswered" in first.stdout + first.stderr, first.stdout + first.stderr
+    db = open_database(gw.db_path)
+    answered = db.execute("select count(*) from requests where kind = 'explore'").fetchone()[0]
+    assert answered > 0  # the lines that came back were paid for, and are logged
+    assert db.execute("select status from training_batches where round = 1").fetchone()[0] == "consumed"
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "published" in done.stdout, done.stdout + done.stderr
+    pulls = db.execute("select count(*), count(distinct run_pull), count(distinct run_id) from requests"
+                       " where kind = 'explore'").fetchone()
+    assert pulls[0] == pulls[1] and pulls[2] == 1  # one run, and no pull bought twice
