@@ -272,14 +272,17 @@ class SQLiteDatabase(SharedOperations):
 
     def set_busy_timeout(self, seconds: float) -> None:
         """How long a statement waits for another connection's lock before "database is locked"."""
-        self.conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+        with self._turn:
+            self.conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
 
     def version(self) -> int:
-        return schema_version(self.utils)
+        with self._turn:
+            return schema_version(self.utils)
 
     def migrate(self) -> int:
         try:
-            return migrate(self.utils)
+            with self._turn:
+                return migrate(self.utils)
         except sqlite3.Error as exc:
             raise _mapped(exc) from exc
 
