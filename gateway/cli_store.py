@@ -97,7 +97,7 @@ def summary(report) -> str:
         for c in report.changes:
             gain = c.new_value - c.old_value if not math.isnan(c.old_value) else float("nan")
             lines.append(f"  {c.tier:8s} {f'({c.old.prompt_id}, N={c.old.n})':>16s} -> "
-                         f"{f'({c.new.prompt_id}, N={c.new.n})':16s} {c.new_value:8.4f} {c.new_se:7.4f} {gain:+10.4f}")
+                         f"{_arm(c.new):16s} {c.new_value:8.4f} {c.new_se:7.4f} {gain:+10.4f}")
     return "\n".join(lines)
 
 
@@ -168,7 +168,8 @@ def cmd_policy(args) -> int:
             raise CliError(f"policy version {version} does not exist (the newest is {store.latest_version()})")
         print(f"policy version {version}" + ("" if entries else " (the configured start arms)"))
         for e in entries:
-            print(f"  {e.route:12s} {e.tier:8s} prompt={e.arm.prompt_id:8s} n={e.arm.n:<3d}{_value(e.value, e.value_se)}")
+            stop = f" stop={e.arm.stop}" if e.arm.stop else ""
+            print(f"  {e.route:12s} {e.tier:8s} prompt={e.arm.prompt_id:8s} n={e.arm.n:<3d}{stop}{_value(e.value, e.value_se)}")
             for a in e.ranked[1:args.alternatives + 1]:
                 cost = f"  cost ${a.cost:.5f}" if not math.isnan(a.cost) else ""
                 print(f"  {'':12s} {'':8s}   or {a.prompt_id:8s} n={a.n:<3d}{_value(a.value, a.value_se)}{cost}")
@@ -198,7 +199,9 @@ def cmd_policy(args) -> int:
 
 
 def _arm(arm) -> str:
-    return f"({arm.prompt_id}, N={arm.n})" if arm else "(start arm)"
+    if not arm:
+        return "(start arm)"
+    return f"({arm.prompt_id}, N≤{arm.n} {arm.stop})" if arm.stop else f"({arm.prompt_id}, N={arm.n})"
 
 
 # -- keys -------------------------------------------------------------------------------------------

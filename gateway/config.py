@@ -190,9 +190,10 @@ class Adaptive(Strict):
     """Majority-vote routes draw the arm's N in waves and stop once the vote is settled
     (policies/stopping.py): `settled` stops when the leader cannot be caught by the draws left, so the
     answer is the one all N would give; `lead` stops when the leader is `lead` votes ahead (cheaper,
-    and may cost accuracy). Best-of-N routes draw all N."""
+    and may cost accuracy); `learned`: `iapo train` chooses the rule and N_max per tier, or a fixed
+    arm, by the tier's utility. Best-of-N routes draw all N."""
 
-    rule: Literal["settled", "lead"] = "settled"
+    rule: Literal["settled", "lead", "learned"] = "settled"
     lead: int = Field(3, ge=1)
     first_wave: int = Field(2, ge=1)
     wave: int = Field(2, ge=1)

@@ -116,7 +116,8 @@ def policy_view(store: PolicyStore, version: int | None = None) -> dict:
         raise ConsoleError(f"policy version {version} does not exist (the newest is {latest})", 404,
                            "version_not_found")
     return {"version": version, "latest": latest, "entries": [
-        {"route": e.route, "tier": e.tier, "prompt_id": e.arm.prompt_id, "n": e.arm.n, "value": _num(e.value),
+        {"route": e.route, "tier": e.tier, "prompt_id": e.arm.prompt_id, "n": e.arm.n, "stop": e.arm.stop,
+         "value": _num(e.value),
          "value_se": _num(e.value_se), "budget_spent": e.budget_spent,
          "ranked": [{"prompt_id": a.prompt_id, "n": a.n, "value": _num(a.value), "value_se": _num(a.value_se),
                      "cost": _num(a.cost)} for a in e.ranked]} for e in store.entries(version)]}

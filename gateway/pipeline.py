@@ -207,8 +207,8 @@ class Pipeline:
             return
         svc = self.service
         scoring = rt.scorers[plan.route.model].timeout if plan.route is not None and plan.route.model in rt.scorers else 0
-        waves = wave_plan(plan, caller.tier)
-        calls = len(waves.ends(plan.n)) if waves is not None else 1  # an adaptive request calls once per wave
+        sequential = sequential_plan(plan, caller.tier)
+        calls = len(sequential[0].ends(plan.n)) if sequential else 1  # an adaptive request calls once per wave
         expires = time.time() + plan.upstream.deadline_s * calls + scoring + rt.settings.store.reservation_grace_seconds
         degrade = plan.route is not None and caller.tier.on_exhausted == "degrade"
         fallbacks = self._fallbacks(rt, call, ticket) if degrade else []
@@ -290,12 +290,11 @@ class Pipeline:
         """The arm's N in one call, or, on a tier with `adaptive` and a majority-vote route, in waves
         until the vote is settled (the reservation covers all N; settle books what was drawn). Fills
         `draw` in place, so waves already paid for are settled even if a later one is interrupted."""
-        waves = wave_plan(plan, tier)
-        if waves is None:
+        sequential = sequential_plan(plan, tier)
+        if sequential is None:
             draw.extend(await plan.upstream.draw(plan.body, plan.n))
             return
-        adaptive = tier.adaptive
-        rule = StoppingRule(adaptive.rule, adaptive.lead if adaptive.rule == "lead" else 0)
+        waves, rule = sequential
         extract = rt.extractors[plan.route.model]
         answers, drawn = [], 0
         for record.waves, end in enumerate(waves.ends(plan.n), 1):
@@ -562,12 +561,19 @@ class Pipeline:
         return headers
 
 
-def wave_plan(plan: Plan, tier) -> Waves | None:
-    """The waves an adaptive tier draws this plan's N in (majority-vote routes, N > 1), else None."""
+def sequential_plan(plan: Plan, tier) -> tuple[Waves, StoppingRule] | None:
+    """How an adaptive tier draws this plan's N (majority-vote routes, N > 1): its waves, and the rule of
+    the arm (a learned policy's) or of the tier's config; None to draw all N at once."""
     adaptive = tier.adaptive
     if adaptive is None or plan.route is None or plan.route.aggregator != "mv" or plan.n == 1:
         return None
-    return Waves(adaptive.first_wave, adaptive.wave, adaptive.max_waves)
+    if plan.arm is not None and plan.arm.stop:
+        rule = StoppingRule.parse(plan.arm.stop)
+    elif adaptive.rule == "learned":
+        return None  # training chose a fixed arm for this tier
+    else:
+        rule = StoppingRule(adaptive.rule, adaptive.lead if adaptive.rule == "lead" else 0)
+    return Waves(adaptive.first_wave, adaptive.wave, adaptive.max_waves), rule
 
 
 def _limit_if_bounded(endpoint: str, body: dict, tier, rt: Runtime, key_caps: dict | None) -> str | None:

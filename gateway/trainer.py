@@ -33,7 +33,9 @@ from gateway.upstream import Completion
 from policies.aggregate import answer_of
 from policies.arms import Arm, RankedArm
 from policies.budget import clamp_n
+from policies.pooled import PooledEstimates
 from policies.psst import PSST, Context, Outcome, TopK
+from policies.stopping import SequentialChoice, Waves, best_sequential
 from store.database import open_database
 from store.policy_store import PolicyEntry, PolicyStore
 from store.queries import served_pulls, training_queries
@@ -94,6 +96,7 @@ class TrainingReport:
     rounds: list[dict] = field(default_factory=list)
     changes: list[TierChange] = field(default_factory=list)
     feasible: dict[str, dict[str, int]] = field(default_factory=dict)
+    sequential: dict[str, dict] = field(default_factory=dict)  # tiers that took a learned sequential arm
     # per tier, after each round: (prompt, N, estimated value) of the arm the engine would choose then
     trajectory: dict[str, list] = field(default_factory=dict)
     # per tier, the estimated value at each feasible N of its best few prompts (value-versus-N curves)
@@ -157,8 +160,9 @@ class RouteTrainer:
                     "completions": report.completions, "dollars": report.dollars, "version": report.version,
                     "message": report.message, "replayed_completions": report.replayed_completions,
                     "saved_completions": report.saved_completions, "trajectory": report.trajectory,
-                    "curves": report.curves, "changes": [
+                    "curves": report.curves, "sequential": report.sequential, "changes": [
                         {"tier": c.tier, "old": [c.old.prompt_id, c.old.n], "new": [c.new.prompt_id, c.new.n],
+                         "stop": c.new.stop,
                          "old_value": _num(c.old_value), "new_value": _num(c.new_value), "new_se": _num(c.new_se)}
                         for c in report.changes]})
             if locked:
@@ -463,6 +467,23 @@ class RouteTrainer:
         return Outcome(costs=costs, scores=np.array(pull.scores, dtype=float), query=query["query_key"])
 
     # -- publishing -----------------------------------------------------------------------------
+    def _sequential(self, engine: PSST, tier: str, prompt_id: str, n: int, fixed_value: float,
+                    report: TrainingReport) -> SequentialChoice | None:
+        """On a majority-vote route and a tier with `adaptive: {rule: learned}`: the chosen prompt's best
+        sequential arm (waves of the tier's config, N_max within what the tier can be served) when its
+        plug-in value, from the engine's pooled answer counts, is at least the fixed arm's."""
+        adaptive = self.settings.tier(tier).adaptive
+        estimates = engine.estimates
+        if self.route.aggregator != "mv" or adaptive is None or adaptive.rule != "learned" \
+                or not isinstance(estimates, PooledEstimates) or not np.isfinite(fixed_value):
+            return None
+        p = engine.prompt_index[prompt_id]
+        rows = estimates.row_prompt == p
+        cost = estimates.cost_sum[p] / estimates.cost_n[p] if estimates.cost_n[p] else 0.0
+        return best_sequential(estimates.counts[rows], estimates.missing[rows], float(cost),
+                               contexts_for(self.rt, self.route)[tier].cost_weight, n, report.feasible[tier][prompt_id],
+                               Waves(adaptive.first_wave, adaptive.wave, adaptive.max_waves), fixed_value)
+
     def _publish(self, db, engine: PSST, report: TrainingReport, publish_partial: bool) -> None:
         route = self.route
         old = PolicyStore(db).load()
@@ -472,7 +493,11 @@ class RouteTrainer:
             old_value = engine.estimate(tier, prev.prompt_id, min(prev.n, route.n_max))[0] \
                 if prev.prompt_id in engine.prompt_index else float("nan")
             ranked = list(engine.ranked(tier))
-            report.changes.append(TierChange(tier, prev, Arm(prompt_id, n), old_value, new_value, new_se, ranked))
+            arm, sequential = Arm(prompt_id, n), self._sequential(engine, tier, prompt_id, n, new_value, report)
+            if sequential is not None:  # the tier lets training choose: a sequential arm beat the fixed one
+                arm, new_value = Arm(prompt_id, sequential.n_max, str(sequential.rule)), sequential.utility
+                report.sequential[tier] = asdict(sequential) | {"rule": str(sequential.rule), "fixed_n": n}
+            report.changes.append(TierChange(tier, prev, arm, old_value, new_value, new_se, ranked))
         report.curves = self._curves(engine, report.feasible)
         complete = engine.finished and report.status != "partial"
         if not (complete or publish_partial):

@@ -6,10 +6,12 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, order=True)
 class Arm:
-    """One way to serve a request: a prompt (template + decoding settings) drawn `n` times."""
+    """One way to serve a request: a prompt (template + decoding settings) drawn `n` times, or, with a
+    stopping rule (`settled`, `lead<d>`: policies/stopping.py), up to `n` times in waves."""
 
     prompt_id: str
     n: int
+    stop: str | None = None
 
 
 @dataclass(frozen=True)

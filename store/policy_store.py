@@ -37,9 +37,9 @@ class PolicyStore:
         if version == 0:
             return Policy()
         rows = self.db.execute(
-            "select route, tier, prompt_id, n from policies where version = ?", [version]
+            "select route, tier, prompt_id, n, stop from policies where version = ?", [version]
         ).fetchall()
-        return Policy(version=version, arms={(r, t): Arm(p, int(n)) for r, t, p, n in rows},
+        return Policy(version=version, arms={(r, t): Arm(p, int(n), s) for r, t, p, n, s in rows},
                       ranked=self._ranked(version))
 
     def _ranked(self, version: int) -> dict[tuple[str, str], tuple[RankedArm, ...]]:
@@ -52,11 +52,12 @@ class PolicyStore:
 
     def entries(self, version: int) -> list[PolicyEntry]:
         rows = self.db.execute(
-            "select route, tier, prompt_id, n, value, value_se, budget_spent from policies"
+            "select route, tier, prompt_id, n, value, value_se, budget_spent, stop from policies"
             " where version = ? order by route, tier", [version]
         ).fetchall()
         ranked = self._ranked(version)
-        return [PolicyEntry(r, t, Arm(p, int(n)), v, se, b, ranked.get((r, t), ())) for r, t, p, n, v, se, b in rows]
+        return [PolicyEntry(r, t, Arm(p, int(n), s), v, se, b, ranked.get((r, t), ()))
+                for r, t, p, n, v, se, b, s in rows]
 
     def versions(self) -> list[dict]:
         return self.db.query("select * from policy_versions order by version")
@@ -75,7 +76,7 @@ class PolicyStore:
                 {
                     "version": version, "route": e.route, "tier": e.tier, "prompt_id": e.arm.prompt_id,
                     "n": e.arm.n, "value": e.value, "value_se": e.value_se, "budget_spent": e.budget_spent,
-                    "created": now, "run_id": run_id,
+                    "created": now, "run_id": run_id, "stop": e.arm.stop,
                 }
                 for e in merged.values()
             ])

@@ -195,7 +195,13 @@ def _v4_request_waves(db: PostgresDatabase) -> None:
     db.execute('ALTER TABLE requests ADD COLUMN IF NOT EXISTS "waves" BIGINT')
 
 
-MIGRATIONS = [_v1_baseline, _v2_key_roles_and_admin_actions, _v3_training_batches, _v4_request_waves]
+def _v5_policy_stop(db: PostgresDatabase) -> None:
+    """SQLite's version 10: policies.stop."""
+    db.execute('ALTER TABLE policies ADD COLUMN IF NOT EXISTS "stop" TEXT')
+
+
+MIGRATIONS = [_v1_baseline, _v2_key_roles_and_admin_actions, _v3_training_batches, _v4_request_waves,
+              _v5_policy_stop]
 
 
 def _mapped(exc: Exception) -> Exception:

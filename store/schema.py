@@ -37,7 +37,7 @@ TABLES: dict[str, Table] = {
     "policy_versions": Table({"version": int, "created": float, "run_id": str, "note": str}, ("version",)),
     "policies": Table(
         {"version": int, "route": str, "tier": str, "prompt_id": str, "n": int, "value": float, "value_se": float,
-         "budget_spent": int, "created": float, "run_id": str},
+         "budget_spent": int, "created": float, "run_id": str, "stop": str},
         ("version", "route", "tier")),
     "policy_arms": Table(
         {"version": int, "route": str, "tier": str, "rank": int, "prompt_id": str, "n": int, "value": float,

@@ -178,10 +178,16 @@ def _v9_request_waves(db: sqlite_utils.Database) -> None:
         db["requests"].add_column("waves", int)
 
 
+def _v10_policy_stop(db: sqlite_utils.Database) -> None:
+    """policies.stop: a learned sequential arm's stopping rule (settled, lead<d>); NULL for a fixed arm."""
+    if "stop" not in db["policies"].columns_dict:
+        db["policies"].add_column("stop", str)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_base_schema, _v2_request_columns, _v3_reservations, _v4_feedback_per_target,
     _v5_training_runs_and_ranked_arms, _v6_training_lock_lease, _v7_key_roles_and_admin_actions,
-    _v8_training_batches, _v9_request_waves,
+    _v8_training_batches, _v9_request_waves, _v10_policy_stop,
 ]
 LATEST_VERSION = len(MIGRATIONS)
 

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 
 from policies.environments import mv_vote_credit
-from policies.stopping import StoppingRule, Waves, brute_force_mv, sequential_mv, sequential_mv_caps, settled
+from policies.pooled import plugin_vote_credit
+from policies.stopping import (StoppingRule, Waves, best_sequential, brute_force_mv, sequential_mv, sequential_mv_caps,
+                               settled)
 
 RULES = [StoppingRule("never"), StoppingRule("settled"), StoppingRule("lead", lead=1), StoppingRule("lead", lead=2)]
 WAVES = [Waves(1, 1), Waves(2, 3), Waves(4, 2), Waves(9, 1), Waves(1, 1, max_waves=3), Waves(2, 1, max_waves=1)]
@@ -70,3 +72,37 @@ def test_servings_check_reads_the_votes_so_far():
     assert settled(["x", "x", "y", "x"], 4, 16, StoppingRule("lead", lead=2))
     assert not settled([None, None], 2, 8, StoppingRule("lead", lead=1))
     assert list(Waves(2, 3, max_waves=3).ends(20)) == [2, 5, 20]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=str)
+@pytest.mark.parametrize("waves", WAVES[:3], ids=str)
+def test_a_class_that_abstains_matches_brute_force(queries, rule, waves):
+    probs, gold = queries  # the last class is "no answer"
+    gold = np.minimum(gold, 1)
+    value = sequential_mv(probs, gold, 6, waves, rule, abstain=True)
+    brute = np.array([brute_force_mv(probs[i], int(gold[i]), 6, waves, rule, abstain=True) for i in range(len(gold))])
+    np.testing.assert_allclose(value.credit, brute[:, 0], atol=1e-12)
+    np.testing.assert_allclose(value.completions, brute[:, 1], atol=1e-12)
+
+
+def test_abstaining_draws_are_valued_as_the_pooled_estimates_value_missing_answers():
+    counts = np.array([[5, 2, 1], [1, 3, 0], [0, 0, 2]])  # gold in column 0
+    missing = np.array([2, 4, 1])
+    probs = np.column_stack([counts, missing]) / (counts.sum(1) + missing)[:, None]
+    for n in (1, 4, 7):
+        walked = sequential_mv(probs, np.zeros(3, dtype=int), n, Waves(n, 1), StoppingRule("never"), abstain=True)
+        np.testing.assert_allclose(walked.credit, plugin_vote_credit(counts, missing, n)[:, n - 1], atol=1e-12)
+
+
+def test_a_tier_takes_a_sequential_arm_only_when_it_is_worth_it():
+    rng = np.random.default_rng(3)
+    easy = np.column_stack([rng.integers(7, 9, 40), rng.integers(0, 2, 40), np.zeros(40)])  # mostly unanimous
+    none = np.zeros(40)
+    free = best_sequential(easy, none, cost=0.01, weight=0.0, n=16, n_limit=16, waves=Waves(2, 2), fixed_utility=0.99)
+    assert free is not None and free.completions < 16  # at λ = 0, `settled` ties the fixed arm for less
+    assert free.credit >= 0.99 - 1e-9
+    paying = best_sequential(easy, none, cost=0.01, weight=5.0, n=8, n_limit=16, waves=Waves(2, 2),
+                             fixed_utility=0.5)
+    assert paying is not None and paying.completions < 8
+    assert best_sequential(easy, none, cost=0.01, weight=0.0, n=16, n_limit=16, waves=Waves(2, 2),
+                           fixed_utility=1.5) is None  # nothing beats a fixed arm valued above every candidate
