@@ -11,6 +11,15 @@ best sequential arm; and, at utility equal to the best fixed arm's or better (an
 schedule, since waves are latency. Values are over all
 queries of each environment (an oracle comparison of arm families: no training, no sampling noise).
 Writes bench/results/adaptive.json.
+
+    python bench/adaptive.py --trained 5000,10000 [--splits 10]
+
+The learned policy with sequential arms allowed vs not: PSST trains on the MATH train split (the
+protocol of bench/psst.py) and publishes a fixed arm per tier; then, exactly as `iapo train` does for
+`adaptive: {rule: learned}` (policies.stopping.best_sequential on the engine's pooled answer counts,
+no peeking at the environment), the chosen prompt's sequential arms (waves of 4) are valued and the
+tier takes the best by plug-in utility, fixed or sequential. Both
+policies are judged exactly on the test split. Writes bench/results/adaptive_trained.json.
 """
 from __future__ import annotations
 
@@ -26,8 +35,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.simulate import mv_task, run_once  # noqa: E402
 from policies.environments import MVEnvironment, synthetic_mv  # noqa: E402
-from policies.stopping import StoppingRule, Waves, sequential_mv, sequential_mv_caps  # noqa: E402
+from policies.psst import PSST  # noqa: E402
+from policies.stopping import StoppingRule, Waves, best_sequential, sequential_mv, sequential_mv_caps  # noqa: E402
 
 MATH = ROOT.parent / "shared" / "data" / "math_mv.npz"
 RESULTS = ROOT / "bench" / "results"
@@ -74,12 +85,81 @@ def best_fixed(env: MVEnvironment, weight: float) -> dict:
             "waves_per_request": 1.0, "utility": float(utility[p, n])}
 
 
+TRAINED_WAVES = Waves(4, 4)
+
+
+def trained(args) -> dict:
+    """One split: the fixed policy PSST learned, and the same with sequential arms allowed (chosen as
+    `iapo train` chooses them for `adaptive: {rule: learned}`), both judged exactly on the test split."""
+    budget, seed = args
+    env = environment("math")
+    task = mv_task(env)
+    run = run_once(task, PSST, budget, seed, keep=True)
+    engine, policy, test = run["trainer"], run["policy"], run["test"]
+    est, test_values = engine.estimates, task.values(test)
+    tiers = {}
+    for c, (tier, weight) in enumerate(zip(env.tier_names, env.tier_cost_weight)):
+        p, n = int(policy[tier][0][1:]), int(policy[tier][1])
+        rows = est.row_prompt == p
+        choice = best_sequential(est.counts[rows], est.missing[rows], float(est.cost_sum[p] / est.cost_n[p]), weight,
+                                 n, env.n_max, TRAINED_WAVES, float(est.mean()[c, p, n - 1]))
+        row = {"fixed": {"prompt": p, "n": n, "test_utility": float(test_values[c, p, n - 1]),
+                         "completions": float(n), "waves": 1.0}}
+        if choice is not None:
+            exact = sequential_mv(env.answer_probs[p, test], env.gold[test], choice.n_max, TRAINED_WAVES, choice.rule)
+            row["with_sequential"] = {"prompt": p, "rule": str(choice.rule), "n_max": choice.n_max,
+                                      "plugin_utility": choice.utility,
+                                      "test_utility": float(exact.credit.mean()
+                                                            - weight * env.cost[p] * exact.completions.mean()),
+                                      "completions": float(exact.completions.mean()),
+                                      "waves": float(exact.waves.mean())}
+        else:
+            row["with_sequential"] = dict(row["fixed"])
+        tiers[tier] = row
+    return {"budget": budget, "seed": seed, "tiers": tiers}
+
+
+def trained_report(budgets: list[int], splits: int, workers: int) -> None:
+    with Pool(workers) as pool:
+        runs = pool.map(trained, [(b, s) for b in budgets for s in range(splits)])
+    summary = {}
+    for b in budgets:
+        mine = [r for r in runs if r["budget"] == b]
+        for tier in mine[0]["tiers"]:
+            fixed = np.array([r["tiers"][tier]["fixed"]["test_utility"] for r in mine])
+            seq = np.array([r["tiers"][tier]["with_sequential"]["test_utility"] for r in mine])
+            comp_f = np.array([r["tiers"][tier]["fixed"]["completions"] for r in mine])
+            comp_s = np.array([r["tiers"][tier]["with_sequential"]["completions"] for r in mine])
+            waves = np.array([r["tiers"][tier]["with_sequential"]["waves"] for r in mine])
+            gain = seq - fixed
+            summary[f"{b}/{tier}"] = {
+                "fixed_utility": float(fixed.mean()), "sequential_allowed_utility": float(seq.mean()),
+                "paired_gain": float(gain.mean()), "paired_gain_se": float(gain.std(ddof=1) / np.sqrt(len(gain))),
+                "fixed_completions": float(comp_f.mean()), "sequential_allowed_completions": float(comp_s.mean()),
+                "sequential_allowed_waves": float(waves.mean()),
+                "splits_choosing_sequential": int(sum(r["tiers"][tier]["with_sequential"].get("rule") is not None
+                                                      for r in mine))}
+            v = summary[f"{b}/{tier}"]
+            print(f"T={b:5d} {tier:5s} fixed u={v['fixed_utility']:.4f} comp={v['fixed_completions']:.1f} | "
+                  f"sequential allowed u={v['sequential_allowed_utility']:.4f} comp={v['sequential_allowed_completions']:.1f} "
+                  f"waves={v['sequential_allowed_waves']:.2f} | gain {v['paired_gain']:+.4f} ± {v['paired_gain_se']:.4f} "
+                  f"({v['splits_choosing_sequential']}/{len(mine)} splits chose a sequential arm)", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "adaptive_trained.json").write_text(json.dumps({"splits": splits, "summary": summary, "runs": runs},
+                                                              indent=1))
+    print(f"wrote {RESULTS / 'adaptive_trained.json'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", default="math,synth-mv")
     parser.add_argument("--top", type=int, default=3, help="sequential arms for each tier's best prompts")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--trained", help="budgets, e.g. 5000,10000: the learned policy with sequential arms or not")
+    parser.add_argument("--splits", type=int, default=10)
     args = parser.parse_args()
+    if args.trained:
+        return trained_report([int(b) for b in args.trained.split(",")], args.splits, args.workers)
     started, report = time.time(), {"environments": {}}
     for name in args.envs.split(","):
         env = environment(name)

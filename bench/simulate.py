@@ -73,8 +73,9 @@ class Simulator:
         return results
 
 
-def run_once(task: Task, make, budget: int, seed: int, train_fraction: float = 0.8) -> dict:
-    """One run of the paper's protocol: split, train on train only, judge exactly on test."""
+def run_once(task: Task, make, budget: int, seed: int, train_fraction: float = 0.8, keep: bool = False) -> dict:
+    """One run of the paper's protocol: split, train on train only, judge exactly on test (`keep`: the
+    result also holds the trained engine, its policy and the test queries)."""
     X = task.env.n_queries
     perm = np.random.default_rng(seed).permutation(X)
     cut = int(np.floor(train_fraction * X))
@@ -104,5 +105,8 @@ def run_once(task: Task, make, budget: int, seed: int, train_fraction: float = 0
                        for c, name in enumerate(task.contexts)])
     oracle_flat = train_values.reshape(C, -1).argmax(axis=1)
     oracle = test_values.reshape(C, -1)[np.arange(C), oracle_flat]
-    return {"acr": float(chosen.mean()), "oracle": float(oracle.mean()), "regret": float(oracle.mean() - chosen.mean()),
-            "spent": int(trainer.spent), "bookkeeping_s": bookkeeping}
+    result = {"acr": float(chosen.mean()), "oracle": float(oracle.mean()), "regret": float(oracle.mean() - chosen.mean()),
+              "spent": int(trainer.spent), "bookkeeping_s": bookkeeping}
+    if keep:
+        result.update(trainer=trainer, policy=policy, test=test)
+    return result
