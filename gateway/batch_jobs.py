@@ -60,8 +60,9 @@ class BatchClient:
         except aiohttp.ClientError as exc:
             raise UpstreamError("connection", f"batch API {path}: {exc!r}") from None
 
-    async def submit(self, requests: list[tuple[str, dict]]) -> str:
-        """Upload the requests (custom id, chat body) as one JSONL file and start a batch over it."""
+    async def submit(self, requests: list[tuple[str, dict]], metadata: dict[str, str] | None = None) -> str:
+        """Upload the requests (custom id, chat body) as one JSONL file and start a batch over it, tagged
+        with `metadata` (so a batch whose id was never recorded can be found again)."""
         lines = "\n".join(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body})
                           for cid, body in requests) + "\n"
         form = aiohttp.FormData()
@@ -70,8 +71,18 @@ class BatchClient:
         uploaded = await self._json("POST", "/files", data=form)
         batch = await self._json("POST", "/batches", json={"input_file_id": _id_of(uploaded, "/files"),
                                                            "endpoint": "/v1/chat/completions",
-                                                           "completion_window": "24h"})
+                                                           "completion_window": "24h",
+                                                           **({"metadata": metadata} if metadata else {})})
         return _id_of(batch, "/batches")
+
+    async def find(self, metadata: dict[str, str]) -> str | None:
+        """The newest live or completed batch among the provider's last 100 tagged with `metadata`."""
+        listed = await self._json("GET", "/batches", params={"limit": "100"})
+        for batch in listed.get("data") or [] if isinstance(listed, dict) else []:
+            if isinstance(batch, dict) and batch.get("metadata") == metadata and \
+                    batch.get("status") not in ("failed", "expired", "cancelled") and isinstance(batch.get("id"), str):
+                return batch["id"]
+        return None
 
     async def status(self, batch_id: str) -> dict:
         return await self._json("GET", f"/batches/{batch_id}")

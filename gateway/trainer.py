@@ -386,10 +386,16 @@ class RouteTrainer:
         known = batches.of(run_id, round_no)
         try:
             async with BatchClient(self.upstream) as client:
-                if known is None or known["status"] in ("failed", "expired", "cancelled", "consumed"):
+                tag = {"iapo_run": run_id, "iapo_round": str(round_no)}
+                # a batch submitted by an invocation that died before recording its id is found by its tag
+                adopted = await client.find(tag) if known is None else None
+                if adopted is not None:
+                    batch_id = adopted
+                    batches.submitted(run_id, round_no, batch_id, len(to_buy))
+                elif known is None or known["status"] in ("failed", "expired", "cancelled", "consumed"):
                     requests = [(f"{run_id}:{seq}", {**body, "n": pull[1]} if pull[1] > 1 else body)
                                 for seq, pull, _, body, _ in to_buy]
-                    batch_id = await client.submit(requests)
+                    batch_id = await client.submit(requests, tag)
                     batches.submitted(run_id, round_no, batch_id, len(requests))
                 else:
                     batch_id = known["batch_id"]

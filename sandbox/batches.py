@@ -4,6 +4,7 @@ create a batch over it, and after a configurable delay its output file holds one
     POST /v1/files (multipart: file, purpose=batch)     GET /v1/files/{id}/content
     POST /v1/batches {input_file_id, endpoint, completion_window}
     GET  /v1/batches/{id}                                POST /v1/batches/{id}/cancel
+    GET  /v1/batches?limit=N                              (newest first)
     POST /admin/batches {"delay_s": ..., "fail_every": k} (the delay before a batch completes; every k-th line fails)
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ class BatchService:
         return [Route("/v1/files", self.upload, methods=["POST"]),
                 Route("/v1/files/{file_id}/content", self.content, methods=["GET"]),
                 Route("/v1/batches", self.create, methods=["POST"]),
+                Route("/v1/batches", self.list, methods=["GET"]),
                 Route("/v1/batches/{batch_id}", self.retrieve, methods=["GET"]),
                 Route("/v1/batches/{batch_id}/cancel", self.cancel, methods=["POST"]),
                 Route("/admin/batches", self.configure, methods=["POST"])]
@@ -64,7 +66,8 @@ class BatchService:
             "id": batch_id, "object": "batch", "endpoint": body.get("endpoint", "/v1/chat/completions"),
             "input_file_id": body["input_file_id"], "completion_window": body.get("completion_window", "24h"),
             "status": "in_progress", "created_at": int(time.time()), "output_file_id": None, "error_file_id": None,
-            "request_counts": {"total": len(lines), "completed": 0, "failed": 0}}
+            "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+            "metadata": body.get("metadata") if isinstance(body.get("metadata"), dict) else None}
         task = asyncio.ensure_future(self._run(batch_id, lines, self.delay_s))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -91,6 +94,12 @@ class BatchService:
         file_id = f"file-{uuid.uuid4().hex[:20]}"
         self.files[file_id] = ("\n".join(out) + "\n").encode()
         batch.update(status="completed", output_file_id=file_id, completed_at=int(time.time()))
+
+    async def list(self, request: Request) -> Response:
+        """The newest batches first, as OpenAI lists them (one page of `limit`, default 20)."""
+        limit = int(request.query_params.get("limit", 20))
+        page = list(reversed(self.batches.values()))[:limit]  # created in order, so newest first
+        return JSONResponse({"object": "list", "data": page, "has_more": len(self.batches) > limit})
 
     async def retrieve(self, request: Request) -> Response:
         batch = self.batches.get(request.path_params["batch_id"])

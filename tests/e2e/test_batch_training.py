@@ -114,3 +114,26 @@ def test_a_batch_with_failed_lines_logs_what_came_back_and_the_next_run_buys_onl
     pulls = db.execute("select count(*), count(distinct run_pull), count(distinct run_id) from requests"
                        " where kind = 'explore'").fetchone()
     assert pulls[0] == pulls[1] and pulls[2] == 1  # one run, and no pull bought twice
+
+
+def test_a_batch_whose_id_was_never_recorded_is_found_by_its_tag_not_bought_again(start_gateway, replay,
+                                                                                   math_env):
+    gw = start_gateway(config(replay, math_env, mode="batch"))
+    serve_traffic(gw)
+    cmd = [sys.executable, "-m", "gateway.cli", "train", "--config", str(gw.config_path)]
+    httpx.post(f"{replay.url}/admin/batches", json={"delay_s": 1.0})
+    try:
+        first = subprocess.run(cmd + ["--no-wait"], env=ENV, capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0 and "waiting" in first.stdout, first.stdout + first.stderr
+        db = open_database(gw.db_path)
+        run_id = db.execute("select run_id from training_runs").fetchone()[0]
+        with db.transaction():  # as if the process had died between submitting and recording the batch
+            db.execute("delete from training_batches")
+        done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "published" in done.stdout, done.stdout + done.stderr
+    finally:
+        httpx.post(f"{replay.url}/admin/batches", json={"delay_s": 0.5})
+    mine = [b for b in httpx.get(f"{replay.url}/v1/batches", params={"limit": 1000}).json()["data"]
+            if (b.get("metadata") or {}).get("iapo_run") == run_id]
+    rounds = [b["metadata"]["iapo_round"] for b in mine]
+    assert rounds.count("1") == 1 and len(rounds) == len(set(rounds))  # round 1 adopted, no round bought twice
