@@ -100,8 +100,7 @@ def trained(args) -> dict:
     tiers = {}
     for c, (tier, weight) in enumerate(zip(env.tier_names, env.tier_cost_weight)):
         p, n = int(policy[tier][0][1:]), int(policy[tier][1])
-        rows = est.row_prompt == p
-        choice = best_sequential(est.counts[rows], est.missing[rows], float(est.cost_sum[p] / est.cost_n[p]), weight,
+        choice = best_sequential(*est.answer_counts(p), float(est.cost_per_completion()[p]), weight,
                                  n, env.n_max, TRAINED_WAVES, float(est.mean()[c, p, n - 1]))
         row = {"fixed": {"prompt": p, "n": n, "test_utility": float(test_values[c, p, n - 1]),
                          "completions": float(n), "waves": 1.0}}

@@ -30,12 +30,14 @@ class Choice:
 
 
 async def choose(rt: Runtime, route: Route, tier: Tier, messages: list[dict], completions: list[Completion],
-                 rng: np.random.Generator) -> Choice:
+                 rng: np.random.Generator, answers: list | None = None) -> Choice:
+    """`answers`: MV answers already extracted (by adaptive waves), one per completion."""
     ok = [i for i, c in enumerate(completions) if not c.error]
     n = len(completions)
     if route.aggregator == "mv":
-        extract = rt.extractors[route.model]
-        answers = [answer_of(c.message, extract) if not c.error else None for c in completions]
+        if answers is None:
+            extract = rt.extractors[route.model]
+            answers = [answer_of(c.message, extract) if not c.error else None for c in completions]
         vote = majority_vote(answers, rng)
         chosen = vote.index if vote.answer is not None else ok[0]
         share = vote.vote_share * n / len(ok)

@@ -17,7 +17,7 @@ from gateway.access import Access
 from gateway.admin import admin_routes
 from gateway.config import Settings
 from gateway.connections import BodyLimit
-from gateway.errors import GatewayError, internal_error, invalid, model_not_found, not_found
+from gateway.errors import GatewayError, internal_error, invalid, not_found
 from gateway.feedback import record_feedback
 from gateway.openai_wire import error_body, model_list, model_object
 from gateway.openapi import openapi_document

@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import tempfile
-import time
 
 import gateway  # noqa: F401  (sets LITELLM_LOCAL_MODEL_COST_MAP)
 from gateway import cli_store

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from policies.stopping import StoppingRule, Waves
 from store.keys import hash_key  # noqa: F401  (re-exported: `iapo keys hash` and tests use it from here)
 
 
@@ -198,6 +199,17 @@ class Adaptive(Strict):
     first_wave: int = Field(2, ge=1)
     wave: int = Field(2, ge=1)
     max_waves: int | None = Field(None, ge=1)
+
+    @property
+    def waves(self) -> Waves:
+        return Waves(self.first_wave, self.wave, self.max_waves)
+
+    @property
+    def stopping_rule(self) -> StoppingRule | None:
+        """The configured rule; None for `learned` (the policy's arm carries it)."""
+        if self.rule == "learned":
+            return None
+        return StoppingRule(self.rule, self.lead if self.rule == "lead" else 0)
 
 
 class Tier(Strict):

@@ -254,7 +254,7 @@ class Pipeline:
         plan, record = ticket.plan, ticket.record
         draw, choice = Draw([]), None
         try:
-            await self._draw(rt, plan, ticket.caller.tier, record, draw, relay)
+            answers = await self._draw(rt, plan, ticket.caller.tier, record, draw, relay)
             completions = self._price_unknown(draw.completions, plan)
             ticket.upstream_s = max((c.latency_s for c in completions), default=0.0)
             record.upstream_id = ",".join(draw.upstream_ids)[:500] or None
@@ -265,7 +265,7 @@ class Pipeline:
                 await self._finish(ticket, err.status, completions, error=err.message)
                 raise err
             choice = await choose(rt, plan.route, ticket.caller.tier, plan.body["messages"], completions,
-                                  self.service.rng)
+                                  self.service.rng, answers)
         finally:
             await self._settle(ticket, draw.completions, choice)
         record.chosen_index, record.chosen_answer = choice.index, choice.info.get("answer")
@@ -286,14 +286,15 @@ class Pipeline:
         return Outcome(200, body, self._headers(ticket, logged))
 
     async def _draw(self, rt: Runtime, plan: Plan, tier, record: RequestRecord, draw: Draw,
-                    relay: Relay | None = None) -> None:
+                    relay: Relay | None = None) -> list | None:
         """The arm's N in one call, or, on a tier with `adaptive` and a majority-vote route, in waves
         until the vote is settled (the reservation covers all N; settle books what was drawn). Fills
-        `draw` in place, so waves already paid for are settled even if a later one is interrupted."""
+        `draw` in place, so waves already paid for are settled even if a later one is interrupted;
+        returns the answers the waves were judged by (None when drawn at once), for the vote."""
         sequential = sequential_plan(plan, tier)
         if sequential is None:
             draw.extend(await plan.upstream.draw(plan.body, plan.n))
-            return
+            return None
         waves, rule = sequential
         extract = rt.extractors[plan.route.model]
         answers, drawn = [], 0
@@ -309,6 +310,7 @@ class Pipeline:
                 break
             if all(c.error for c in part.completions) or (relay is not None and relay.client_gone):
                 break  # a failing upstream, or nobody waiting: do not pay for more waves
+        return answers
 
     def _price_unknown(self, completions: list[Completion], plan: Plan) -> list[Completion]:
         """Completions the provider may have billed without saying how much (no usage, or a timeout after
@@ -567,13 +569,8 @@ def sequential_plan(plan: Plan, tier) -> tuple[Waves, StoppingRule] | None:
     adaptive = tier.adaptive
     if adaptive is None or plan.route is None or plan.route.aggregator != "mv" or plan.n == 1:
         return None
-    if plan.arm is not None and plan.arm.stop:
-        rule = StoppingRule.parse(plan.arm.stop)
-    elif adaptive.rule == "learned":
-        return None  # training chose a fixed arm for this tier
-    else:
-        rule = StoppingRule(adaptive.rule, adaptive.lead if adaptive.rule == "lead" else 0)
-    return Waves(adaptive.first_wave, adaptive.wave, adaptive.max_waves), rule
+    rule = StoppingRule.parse(plan.arm.stop) if plan.arm is not None and plan.arm.stop else adaptive.stopping_rule
+    return (adaptive.waves, rule) if rule is not None else None  # `learned` with a fixed arm: all N at once
 
 
 def _limit_if_bounded(endpoint: str, body: dict, tier, rt: Runtime, key_caps: dict | None) -> str | None:

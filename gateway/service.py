@@ -23,7 +23,6 @@ from gateway.runtime import Runtime
 from gateway.access import Access
 from gateway.upstream import UPSTREAM_ERROR_KINDS
 from policies.arms import Arm, Policy
-from policies.stopping import Waves
 from store.database import open_database
 from store.errors import StoreUnavailable
 from store.keys import KeyStore
@@ -93,7 +92,7 @@ class GatewayService:
         if self._streams:  # streams whose clients left are still being read, settled and logged
             deadline = max((u.deadline_s for u in self.rt.upstreams.values()), default=30.0)
             n_max = max((r.n_max for r in self.settings.routes), default=1)
-            calls = max((len(Waves(t.adaptive.first_wave, t.adaptive.wave, t.adaptive.max_waves).ends(n_max))
+            calls = max((len(t.adaptive.waves.ends(n_max))
                          for t in self.settings.tiers if t.adaptive is not None), default=1)  # adaptive: a call per wave
             await asyncio.wait(set(self._streams), timeout=deadline * calls)
         await self._in_ledger_thread(self._settle_deferred)

@@ -35,7 +35,7 @@ from policies.arms import Arm, RankedArm
 from policies.budget import clamp_n
 from policies.pooled import PooledEstimates
 from policies.psst import PSST, Context, Outcome, TopK
-from policies.stopping import SequentialChoice, Waves, best_sequential
+from policies.stopping import SequentialChoice, best_sequential
 from store.database import open_database
 from store.policy_store import PolicyEntry, PolicyStore
 from store.queries import served_pulls, training_queries
@@ -269,8 +269,6 @@ class RouteTrainer:
         for r in served:
             if r["query_key"] not in gold or self.prompt_versions.get(r["prompt_id"]) != r["prompt_version"]:
                 continue
-            if len(r["costs"]) != r["n"]:  # not the whole arm (served_pulls already leaves adaptive requests out)
-                continue
             if self.route.aggregator == "mv":
                 outcome = Outcome(costs=np.array(r["costs"]), answers=r["answers"], gold=gold[r["query_key"]],
                                   query=r["query_key"])
@@ -484,11 +482,9 @@ class RouteTrainer:
                 or not isinstance(estimates, PooledEstimates) or not np.isfinite(fixed_value):
             return None
         p = engine.prompt_index[prompt_id]
-        rows = estimates.row_prompt == p
-        cost = estimates.cost_sum[p] / estimates.cost_n[p] if estimates.cost_n[p] else 0.0
-        return best_sequential(estimates.counts[rows], estimates.missing[rows], float(cost),
+        return best_sequential(*estimates.answer_counts(p), float(estimates.cost_per_completion()[p]),
                                contexts_for(self.rt, self.route)[tier].cost_weight, n, report.feasible[tier][prompt_id],
-                               Waves(adaptive.first_wave, adaptive.wave, adaptive.max_waves), fixed_value)
+                               adaptive.waves, fixed_value)
 
     def _publish(self, db, engine: PSST, report: TrainingReport, publish_partial: bool) -> None:
         route = self.route

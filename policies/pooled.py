@@ -224,9 +224,19 @@ class PooledEstimates:
         self._set_curves(touched, curves)
 
     # -- reading ----------------------------------------------------------------------------
-    def _cost_curve(self) -> np.ndarray:
+    def cost_per_completion(self) -> np.ndarray:
+        """(P,) mean cost of one completion of each prompt (0 before its first pull)."""
         with np.errstate(invalid="ignore", divide="ignore"):
-            per_completion = np.where(self.cost_n > 0, self.cost_sum / self.cost_n, 0.0)
+            return np.where(self.cost_n > 0, self.cost_sum / self.cost_n, 0.0)
+
+    def answer_counts(self, prompt: int) -> tuple[np.ndarray, np.ndarray]:
+        """MV: the prompt's rows (one per query), answer counts with gold in column 0, and draws without
+        an answer."""
+        rows = self.row_prompt == prompt
+        return self.counts[rows], self.missing[rows]
+
+    def _cost_curve(self) -> np.ndarray:
+        per_completion = self.cost_per_completion()
         return self.cost_weights[:, None, None] * per_completion[None, :, None] * np.arange(1, self.n_max + 1)
 
     def mean(self) -> np.ndarray:

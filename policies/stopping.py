@@ -102,6 +102,13 @@ def _states(n_max: int, classes: int) -> tuple[list[np.ndarray], list[list[np.nd
     return counts, successors
 
 
+def _leaders(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(S,) votes of each state's leader and runner-up (0 when there is none)."""
+    ordered = np.sort(votes, axis=1)
+    second = ordered[:, -2] if ordered.shape[1] > 1 else np.zeros(len(ordered), dtype=ordered.dtype)
+    return ordered[:, -1], second
+
+
 def _vote_credit(counts: np.ndarray, gold: np.ndarray) -> np.ndarray:
     """(S, R): credit of each state's vote for each query's gold class (ties split evenly)."""
     top = counts.max(axis=1)
@@ -146,8 +153,7 @@ def sequential_mv_caps(probs: np.ndarray, gold: np.ndarray, caps, waves: Waves,
         if m not in regular or m == top_cap:
             continue
         done_waves += 1
-        state = np.sort(votes[m], axis=1)
-        stop = rule.stops(state[:, -1], state[:, -2] if state.shape[1] > 1 else np.zeros(len(state)), m, top_cap)
+        stop = rule.stops(*_leaders(votes[m]), m, top_cap)
         if stop.any():
             stopped = mass[stop]
             credit += np.sum(stopped * _vote_credit(votes[m][stop], gold), axis=0)
@@ -163,10 +169,7 @@ def settled(answers: list, drawn: int, n_max: int, rule: StoppingRule) -> bool:
     if drawn >= n_max:
         return True
     _, votes = np.unique(np.array([a for a in answers if a is not None], dtype=object), return_counts=True)
-    votes = np.sort(votes)
-    top = votes[-1] if len(votes) else 0
-    second = votes[-2] if len(votes) > 1 else 0
-    return bool(rule.stops(np.array([top]), np.array([second]), drawn, n_max)[0])
+    return bool(rule.stops(*_leaders(np.append(votes, 0)[None, :]), drawn, n_max)[0])
 
 
 def brute_force_mv(probs: np.ndarray, gold: int, n_max: int, waves: Waves, rule: StoppingRule,
@@ -185,10 +188,7 @@ def brute_force_mv(probs: np.ndarray, gold: int, n_max: int, waves: Waves, rule:
     wave_no = np.full(len(seqs), len(ends))
     open_ = np.ones(len(seqs), dtype=bool)
     for w, m in enumerate(ends, start=1):
-        state = np.sort(running[:, m - 1], axis=1)
-        stop = open_ & (rule.stops(state[:, -1], state[:, -2] if state.shape[1] > 1 else np.zeros(len(state)),
-                                   int(m), n_max)
-                        | (m == n_max))
+        stop = open_ & (rule.stops(*_leaders(running[:, m - 1]), int(m), n_max) | (m == n_max))
         stopped_at[stop], wave_no[stop] = m, w
         open_ &= ~stop
     final = running[np.arange(len(seqs)), stopped_at - 1]

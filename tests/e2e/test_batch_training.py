@@ -10,7 +10,6 @@ import sys
 
 import httpx
 import pytest
-import yaml
 
 from gateway.trainer import train_routes
 from sandbox.demo import replay_route, replay_upstream

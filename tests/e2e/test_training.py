@@ -8,10 +8,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
-import pytest
 import yaml
 
 from gateway.config import hash_key, load_config
