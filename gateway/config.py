@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from policies.stopping import StoppingRule, Waves
+from policies.stopping import DEFAULT_TOLERANCE, StoppingRule, Waves
 from store.keys import hash_key  # noqa: F401  (re-exported: `iapo keys hash` and tests use it from here)
 
 
@@ -190,12 +190,16 @@ Window = Literal["per_minute", "per_day", "per_month"]
 class Adaptive(Strict):
     """Majority-vote routes draw the arm's N in waves and stop once the vote is settled
     (policies/stopping.py): `settled` stops when the leader cannot be caught by the draws left, so the
-    answer is the one all N would give; `lead` stops when the leader is `lead` votes ahead (cheaper,
-    and may cost accuracy); `learned`: `iapo train` chooses the rule and N_max per tier, or a fixed
-    arm, by the tier's utility. Best-of-N routes draw all N."""
+    answer is the one all N would give; `likely` stops when the chance that the draws left would change
+    the answer is below `risk`; `lead` stops when the leader is `lead` votes ahead (cheaper, and may
+    cost accuracy); `learned`: `iapo train` chooses the rule and N_max per tier, or a fixed arm, by the
+    tier's utility, taking the fewest completions among arms within `tolerance` of the best utility.
+    Best-of-N routes draw all N."""
 
-    rule: Literal["settled", "lead", "learned"] = "settled"
+    rule: Literal["settled", "likely", "lead", "learned"] = "settled"
     lead: int = Field(3, ge=1)
+    risk: float = Field(0.001, gt=0, lt=1)
+    tolerance: float = Field(DEFAULT_TOLERANCE, ge=0, le=0.1)
     first_wave: int = Field(2, ge=1)
     wave: int = Field(2, ge=1)
     max_waves: int | None = Field(None, ge=1)
@@ -209,6 +213,8 @@ class Adaptive(Strict):
         """The configured rule; None for `learned` (the policy's arm carries it)."""
         if self.rule == "learned":
             return None
+        if self.rule == "likely":
+            return StoppingRule("likely", risk=self.risk)
         return StoppingRule(self.rule, self.lead if self.rule == "lead" else 0)
 
 

@@ -484,7 +484,7 @@ class RouteTrainer:
         p = engine.prompt_index[prompt_id]
         return best_sequential(*estimates.answer_counts(p), float(estimates.cost_per_completion()[p]),
                                contexts_for(self.rt, self.route)[tier].cost_weight, n, report.feasible[tier][prompt_id],
-                               adaptive.waves, fixed_value)
+                               adaptive.waves, fixed_value, tolerance=adaptive.tolerance)
 
     def _publish(self, db, engine: PSST, report: TrainingReport, publish_partial: bool) -> None:
         route = self.route

@@ -11,6 +11,12 @@ can weigh them against the fixed arms' on equal terms.
 Rules, checked at a wave's end with m draws made and r = N_max − m left:
 - `settled`: the leader cannot be caught by the r remaining draws (top − runner-up > r). The answer
   is then the one the full N_max would give: same credit as the fixed arm, fewer completions.
+- `likely(ε)`: the chance that the r remaining draws would change the answer is below ε. The
+  runner-up's share of the two leaders' votes is given a Beta(runner-up + 1, leader + 1) posterior
+  (uniform prior), and every remaining draw is assumed to go to one of the two (the worst case for
+  the leader); the answer changes if the runner-up would finish level or ahead (a level finish
+  counts half). ε → 0 is `settled`; a small ε stops long before `settled` on queries whose votes
+  lean one way, and changes the answer on few paths (the exact walk says how few, and what it costs).
 - `lead(d)`: the leader is at least d votes ahead of the runner-up (d ≥ 1): cheaper still, and may
   cost credit; the engine values that trade exactly.
 - `never`: the fixed arm (one wave of N_max), for comparison on the same code path.
@@ -19,39 +25,78 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from math import lgamma
 
 import numpy as np
 
 
+@lru_cache(maxsize=8)
+def overturn_chance(n_max: int) -> np.ndarray:
+    """(n_max + 1,) * 3 table: the chance, indexed [leader's votes, runner-up's votes, draws left r],
+    that the runner-up finishes level with or ahead of the leader (level counts half) when its share
+    q of the r draws has a Beta(runner-up + 1, leader + 1) posterior and all r go to the two
+    (beta-binomial tail). Entries with runner-up > leader are not used."""
+    size = n_max + 1
+    lg1 = np.array([lgamma(i + 1.0) for i in range(3 * size + 2)])  # log Γ(i + 1) = log i!
+    top, second, left = np.meshgrid(np.arange(size), np.arange(size), np.arange(size), indexing="ij")
+    # log B(second + 1 + j, top + 1 + left − j) − log B(second + 1, top + 1), with B(a, b) = Γ(a)Γ(b)/Γ(a+b)
+    base = lg1[second] + lg1[top] - lg1[top + second + 1]
+    total = lg1[top + second + left + 1]
+    chance = np.zeros(top.shape)
+    for j in range(size):  # draws that go to the runner-up
+        fits = j <= left
+        jj, rest = np.minimum(j, left), np.maximum(left - j, 0)
+        log_p = (lg1[left] - lg1[jj] - lg1[rest] + lg1[second + jj] + lg1[top + rest] - total - base)
+        margin = 2 * j - (top - second) - left  # runner-up's final votes − leader's
+        weight = np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0))
+        chance += np.where(fits, weight * np.exp(log_p), 0.0)
+    return chance
+
+
 @dataclass(frozen=True)
 class StoppingRule:
-    """When a wave's end stops the request: `never`, `settled`, or `lead` with a margin of `lead` votes."""
+    """When a wave's end stops the request: `never`, `settled`, `likely` with a `risk` ε of changing
+    the answer, or `lead` with a margin of `lead` votes."""
 
     kind: str = "settled"
     lead: int = 0
+    risk: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("never", "settled", "lead"):
+        if self.kind not in ("never", "settled", "likely", "lead"):
             raise ValueError(f"unknown stopping rule {self.kind!r}")
         if self.kind == "lead" and self.lead < 1:
             raise ValueError("a lead rule needs a margin of at least one vote")
+        if self.kind == "likely" and not 0 < self.risk < 1:
+            raise ValueError("a likely rule needs a risk between 0 and 1")
 
     def stops(self, top: np.ndarray, second: np.ndarray, drawn: int, n_max: int) -> np.ndarray:
         """Which states (leader's and runner-up's votes after `drawn` draws) stop now."""
         if self.kind == "never":
             return np.zeros(top.shape, dtype=bool)
+        left = n_max - drawn
         if self.kind == "settled":
-            return top - second > n_max - drawn
+            return top - second > left
+        if self.kind == "likely":
+            chance = overturn_chance(n_max)[np.minimum(top, n_max), np.minimum(second, n_max), left]
+            return (top - second > left) | (chance < self.risk)
         return top - second >= self.lead
 
     def __str__(self) -> str:
-        return f"lead{self.lead}" if self.kind == "lead" else self.kind
+        if self.kind == "lead":
+            return f"lead{self.lead}"
+        return f"likely{self.risk:g}" if self.kind == "likely" else self.kind
 
     @classmethod
     def parse(cls, text: str) -> "StoppingRule":
-        """The rule `str(rule)` wrote: `settled`, `never` or `lead<d>`."""
+        """The rule `str(rule)` wrote: `settled`, `never`, `likely<ε>` or `lead<d>`."""
         if text.startswith("lead") and text[4:].isdigit():
             return cls("lead", lead=int(text[4:]))
+        if text.startswith("likely"):
+            try:
+                return cls("likely", risk=float(text[6:]))
+            except ValueError:
+                pass
         return cls(text)
 
 
@@ -132,8 +177,8 @@ def sequential_mv_caps(probs: np.ndarray, gold: np.ndarray, caps, waves: Waves,
     the same mass at the waves before any cap, and each cap ends the rest (`settled` takes one cap)."""
     probs, gold = np.asarray(probs, dtype=float), np.asarray(gold, dtype=int)
     caps = sorted(set(int(c) for c in caps))
-    if rule.kind == "settled" and len(caps) > 1:
-        raise ValueError("the settled rule depends on N_max: value one cap at a time")
+    if rule.kind in ("settled", "likely") and len(caps) > 1:
+        raise ValueError(f"the {rule.kind} rule depends on N_max: value one cap at a time")
     top_cap = caps[-1]
     counts, successors = _states(top_cap, probs.shape[1])
     votes = [c[:, :-1] for c in counts] if abstain else counts  # the classes that vote
@@ -221,18 +266,23 @@ class SequentialChoice:
     waves: float
 
 
-LEARNED_RULES = (StoppingRule("settled"), StoppingRule("lead", lead=3), StoppingRule("lead", lead=4))
+DEFAULT_TOLERANCE = 1e-5  # utility a learned tier gives up for fewer completions: one answer in 10⁵ requests
+LEARNED_RULES = (StoppingRule("settled"), StoppingRule("likely", risk=0.001), StoppingRule("lead", lead=3),
+                 StoppingRule("lead", lead=4))
 
 
 def best_sequential(counts: np.ndarray, missing: np.ndarray, cost: float, weight: float, n: int, n_limit: int,
-                    waves: Waves, fixed_utility: float, rules=LEARNED_RULES) -> SequentialChoice | None:
+                    waves: Waves, fixed_utility: float, rules=LEARNED_RULES,
+                    tolerance: float = 0.0) -> SequentialChoice | None:
     """The sequential arm of one prompt a tier should serve instead of its fixed arm (n), or None.
 
     counts: (rows, K) answer counts of the prompt's queries, gold in column 0, and missing: (rows,) draws
-    without an answer (the engine's pooled counts: their plug-in distributions value every arm). Candidates: `settled` at n and at n_limit,
-    and the lead rules at every N_max ≤ n_limit. The best by utility (credit − weight · cost ·
-    completions) wins if it is at least `fixed_utility` (the fixed arm's plug-in value); among those
-    as good, the one with the fewest completions (`settled` at n ties the fixed arm at weight 0).
+    without an answer (the engine's pooled counts: their plug-in distributions value every arm).
+    Candidates: the rules that look at N_max (`settled`, `likely`) at n and at n_limit, the lead rules
+    at every N_max ≤ n_limit. Utility is credit − weight · cost · completions. The candidates within
+    `tolerance` of the best utility (and of `fixed_utility`, the fixed arm's plug-in value) qualify,
+    and the one with the fewest completions wins (`settled` at n ties the fixed arm at weight 0; a
+    tolerance lets a `likely` arm that changes an answer once in 10⁵ requests win there).
     """
     probs = _modelled(counts, missing)
     if not len(probs) or n_limit < 1:
@@ -240,7 +290,7 @@ def best_sequential(counts: np.ndarray, missing: np.ndarray, cost: float, weight
     gold = np.zeros(len(probs), dtype=int)
     candidates = []
     for rule in rules:
-        if rule.kind == "settled":
+        if rule.kind in ("settled", "likely"):
             caps = {cap: sequential_mv(probs, gold, cap, waves, rule, abstain=True)
                     for cap in sorted({min(n, n_limit), n_limit})}
         else:
@@ -249,7 +299,7 @@ def best_sequential(counts: np.ndarray, missing: np.ndarray, cost: float, weight
     if not candidates:
         return None
     utility = np.array([v.credit.mean() - weight * cost * v.completions.mean() for _, _, v in candidates])
-    good = np.flatnonzero(utility >= max(utility.max(), fixed_utility) - 1e-9)
+    good = np.flatnonzero(utility >= max(utility.max(), fixed_utility) - tolerance - 1e-9)
     if not len(good):
         return None
     i = int(good[np.argmin([candidates[j][2].completions.mean() for j in good])])

@@ -10,7 +10,7 @@ from gateway.config import hash_key
 from tests.e2e.test_front_door import upstream_cfg
 from tests.support import metric_value, metrics_snapshot
 
-KEYS = {"fixed": "key-fixed", "settled": "key-settled", "lead": "key-lead", "short": "key-short"}
+KEYS = {"fixed": "key-fixed", "settled": "key-settled", "lead": "key-lead", "short": "key-short", "likely": "key-likely"}
 ASK = [{"role": "user", "content": "What is 3 + 4?"}]
 
 
@@ -25,6 +25,7 @@ def gw(start_gateway, scripted):
                   {"name": "settled", "adaptive": {"rule": "settled", "first_wave": 2, "wave": 2},
                    "caps": {"per_day": {"dollars": 10.0}}},
                   {"name": "lead", "adaptive": {"rule": "lead", "lead": 2, "first_wave": 2, "wave": 2}},
+                  {"name": "likely", "adaptive": {"rule": "likely", "risk": 0.01, "first_wave": 2, "wave": 2}},
                   {"name": "short", "adaptive": {"rule": "settled", "first_wave": 2, "wave": 2, "max_waves": 2}}],
         "default_tier": "fixed",
         "api_keys": [{"hash": hash_key(key), "tier": tier} for tier, key in KEYS.items()],
@@ -72,6 +73,15 @@ def test_a_lead_rule_stops_as_soon_as_the_leader_is_far_enough_ahead(gw, scripte
     scripted.script.update({"content": "\\boxed{7}"})
     body, _ = ask(gw, "lead")
     assert drawn(scripted) == [2] and body["iapo"]["completions"] == 2 and body["iapo"]["waves"] == 1
+
+
+def test_a_likely_rule_stops_once_the_draws_left_would_almost_never_change_the_answer(gw, scripted):
+    scripted.script.update({"content": "\\boxed{7}"})
+    body, headers = ask(gw, "likely")
+    # 2–0 with 6 left: the runner-up would draw level or ahead with chance 1/12 > 0.01, go on;
+    # 4–0 with 4 left: 1/252 < 0.01, stop (where `settled` needs 6)
+    assert drawn(scripted) == [2, 2] and body["iapo"]["completions"] == 4 and headers["x-iapo-waves"] == "2"
+    assert body["iapo"]["answer"] == "7"
 
 
 def test_max_waves_draws_the_rest_in_the_last_wave(gw, scripted):

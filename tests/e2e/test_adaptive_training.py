@@ -20,7 +20,7 @@ WAVES = {"rule": "learned", "first_wave": 4, "wave": 4}
 def test_a_learned_tier_gets_a_sequential_arm_and_is_served_in_waves(start_gateway, replay, math_env):
     cfg = config(replay, math_env)
     cfg["tiers"] = [{"name": "low", "adaptive": WAVES}, {"name": "high", "cost_weight": 1.0},
-                    {"name": "fixed-low"}]
+                    {"name": "fixed-low"}, {"name": "exact-low", "adaptive": {**WAVES, "tolerance": 0}}]
     cfg["routes"][0]["start"] = {"default": {"prompt": "p4", "n": 8}}
     cfg["train"]["budget"] = 1500
     gw = start_gateway(cfg)
@@ -29,9 +29,11 @@ def test_a_learned_tier_gets_a_sequential_arm_and_is_served_in_waves(start_gatew
     assert report.status == "published", report.message
     policy = PolicyStore(open_database(gw.db_path)).load()
     low, fixed_low = policy.arm_for("math", "low"), policy.arm_for("math", "fixed-low")
-    # λ = 0: `settled` ties the fixed arm's value for fewer completions, so the learned tier takes it;
+    # λ = 0: `likely` is within the default tolerance of the fixed arm's value for fewer completions than
+    # `settled`, so the learned tier takes it; with no tolerance, `settled` (the fixed arm's exact answers);
     # the same context without `adaptive` keeps the fixed arm
-    assert low.stop is not None and fixed_low.stop is None and policy.arm_for("math", "high").stop is None
+    assert low.stop == "likely0.001" and policy.arm_for("math", "exact-low").stop == "settled"
+    assert fixed_low.stop is None and policy.arm_for("math", "high").stop is None
     assert report.sequential["low"]["completions"] < low.n
     assert low.prompt_id == fixed_low.prompt_id
     with httpx.Client(base_url=gw.url, timeout=30) as client:

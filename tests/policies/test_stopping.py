@@ -4,10 +4,11 @@ import pytest
 
 from policies.environments import mv_vote_credit
 from policies.pooled import plugin_vote_credit
-from policies.stopping import (StoppingRule, Waves, best_sequential, brute_force_mv, sequential_mv, sequential_mv_caps,
-                               settled)
+from policies.stopping import (StoppingRule, Waves, best_sequential, brute_force_mv, overturn_chance, sequential_mv,
+                               sequential_mv_caps, settled)
 
-RULES = [StoppingRule("never"), StoppingRule("settled"), StoppingRule("lead", lead=1), StoppingRule("lead", lead=2)]
+RULES = [StoppingRule("never"), StoppingRule("settled"), StoppingRule("likely", risk=0.05), StoppingRule("likely", risk=0.3),
+         StoppingRule("lead", lead=1), StoppingRule("lead", lead=2)]
 WAVES = [Waves(1, 1), Waves(2, 3), Waves(4, 2), Waves(9, 1), Waves(1, 1, max_waves=3), Waves(2, 1, max_waves=1)]
 
 
@@ -106,3 +107,53 @@ def test_a_tier_takes_a_sequential_arm_only_when_it_is_worth_it():
     assert paying is not None and paying.completions < 8
     assert best_sequential(easy, none, cost=0.01, weight=0.0, n=16, n_limit=16, waves=Waves(2, 2),
                            fixed_utility=1.5) is None  # nothing beats a fixed arm valued above every candidate
+
+
+def test_overturn_chance_is_the_beta_binomial_tail_integrated_over_the_runner_ups_share():
+    """The table against a direct numerical integral: q ~ Beta(second + 1, top + 1) on a fine grid, and
+    the binomial chance that the runner-up ends level (half) or ahead after r more draws."""
+    from math import comb
+    table = overturn_chance(12)
+    q = (np.arange(200_000) + 0.5) / 200_000
+    for top, second, left in [(3, 1, 4), (5, 2, 7), (2, 2, 3), (6, 0, 6), (4, 3, 1), (1, 0, 12), (7, 1, 0)]:
+        density = q ** second * (1 - q) ** top
+        density /= density.sum()
+        direct = 0.0
+        for j in range(left + 1):
+            margin = (second + j) - (top + left - j)
+            if margin >= 0:
+                direct += (0.5 if margin == 0 else 1.0) * comb(left, j) * np.sum(density * q ** j * (1 - q) ** (left - j))
+        assert table[top, second, left] == pytest.approx(direct, abs=1e-6), (top, second, left)
+
+
+def test_likely_sits_between_settled_and_never_stopping_early():
+    rng = np.random.default_rng(11)
+    probs = rng.dirichlet(np.full(4, 0.5), size=60)
+    gold = rng.integers(0, 4, size=60)
+    fixed = mv_vote_credit(probs, gold, 21)[:, 20]
+    settled_value = sequential_mv(probs, gold, 21, Waves(1, 1), StoppingRule("settled"))
+    previous = settled_value.completions.mean()
+    for risk in (1e-6, 1e-3, 0.05, 0.3):  # a larger risk stops sooner and strays further from the fixed vote
+        value = sequential_mv(probs, gold, 21, Waves(1, 1), StoppingRule("likely", risk=risk))
+        assert value.completions.mean() <= previous + 1e-12
+        previous = value.completions.mean()
+        if risk <= 1e-3:
+            assert abs(value.credit.mean() - fixed.mean()) < 5 * risk + 1e-9
+    assert previous < settled_value.completions.mean() - 1
+    assert StoppingRule.parse(str(StoppingRule("likely", risk=0.001))) == StoppingRule("likely", risk=0.001)
+    with pytest.raises(ValueError):
+        StoppingRule("likely", risk=0.0)
+    assert settled(["a"] * 5 + ["b"], 6, 32, StoppingRule("likely", risk=0.01)) is False  # 5–1 with 26 left: open
+    assert settled(["a"] * 14 + ["b"], 15, 32, StoppingRule("likely", risk=0.01)) is True  # 14–1 with 17 left
+
+
+def test_a_tolerance_lets_a_free_tier_take_a_rule_that_almost_never_changes_the_answer():
+    rng = np.random.default_rng(5)
+    counts = np.column_stack([rng.integers(5, 9, 80), rng.integers(0, 4, 80), rng.integers(0, 2, 80)])
+    none = np.zeros(80)
+    exact = best_sequential(counts, none, cost=0.01, weight=0.0, n=32, n_limit=32, waves=Waves(1, 1), fixed_utility=0.0)
+    loose = best_sequential(counts, none, cost=0.01, weight=0.0, n=32, n_limit=32, waves=Waves(1, 1),
+                            fixed_utility=0.0, tolerance=1e-4)
+    assert exact.rule == StoppingRule("settled")
+    assert loose.completions < exact.completions
+    assert loose.credit >= exact.credit - 1e-4 - 1e-9
