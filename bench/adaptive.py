@@ -36,15 +36,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.simulate import mv_task, run_once  # noqa: E402
-from policies.environments import MVEnvironment, synthetic_mv  # noqa: E402
+from policies.environments import MVEnvironment, synthetic_bon, synthetic_mv  # noqa: E402
 from policies.psst import PSST  # noqa: E402
-from policies.stopping import StoppingRule, Waves, best_sequential, sequential_mv, sequential_mv_caps  # noqa: E402
+from policies.stopping import (DEFAULT_TOLERANCE, StoppingRule, Waves, best_sequential,  # noqa: E402
+                               sequential_bon, sequential_mv, sequential_mv_caps)
 
 MATH = ROOT.parent / "shared" / "data" / "math_mv.npz"
 RESULTS = ROOT / "bench" / "results"
 WAVES = (Waves(1, 1), Waves(2, 2), Waves(4, 4), Waves(8, 8))
 LEADS = (2, 3, 4, 6)
 SETTLED_CAPS = (8, 16, 32)
+RISKS = (1e-4, 1e-3, 1e-2)  # `likely` rules, at N_max 16 and 32
+LIKELY_CAPS = (16, 32)
 
 
 def environment(name: str) -> MVEnvironment:
@@ -68,6 +71,8 @@ def sequential_arms(args) -> list[dict]:
                  for rule in (StoppingRule("lead", lead=d) for d in LEADS)]
         walks += [(StoppingRule("settled"), {cap: sequential_mv(probs, gold, cap, waves, StoppingRule("settled"))})
                   for cap in SETTLED_CAPS if cap <= env.n_max]
+        walks += [(rule, {cap: sequential_mv(probs, gold, cap, waves, rule)})
+                  for rule in (StoppingRule("likely", risk=r) for r in RISKS) for cap in LIKELY_CAPS if cap <= env.n_max]
         for rule, by_cap in walks:
             for cap, value in by_cap.items():
                 rows.append({"prompt": prompt, "n_max": cap, "waves": str(waves), "rule": str(rule),
@@ -101,7 +106,8 @@ def trained(args) -> dict:
     for c, (tier, weight) in enumerate(zip(env.tier_names, env.tier_cost_weight)):
         p, n = int(policy[tier][0][1:]), int(policy[tier][1])
         choice = best_sequential(*est.answer_counts(p), float(est.cost_per_completion()[p]), weight,
-                                 n, env.n_max, TRAINED_WAVES, float(est.mean()[c, p, n - 1]))
+                                 n, env.n_max, TRAINED_WAVES, float(est.mean()[c, p, n - 1]),
+                                 tolerance=DEFAULT_TOLERANCE)
         row = {"fixed": {"prompt": p, "n": n, "test_utility": float(test_values[c, p, n - 1]),
                          "completions": float(n), "waves": 1.0}}
         if choice is not None:
@@ -149,6 +155,50 @@ def trained_report(budgets: list[int], splits: int, workers: int) -> None:
     print(f"wrote {RESULTS / 'adaptive_trained.json'}")
 
 
+BON_WEIGHTS = (0.5, 0.5)
+BON_TIERS = (("low", 0.0), ("mid", 0.2), ("high", 1.0))
+BON_CAPS = (4, 8, 16, 32)
+BON_THRESHOLDS = np.round(np.arange(0.50, 0.96, 0.05), 2)
+
+
+def bon_report(top: int) -> dict:
+    """Best-of-N on the synthetic BoN task (weights 0.5/0.5): the best fixed arm per tier against
+    threshold stopping (stop once a completion's weighted score reaches the threshold), exact values."""
+    env = synthetic_bon(seed=0)
+    weights = np.array(BON_WEIGHTS)
+    fixed_curve = env.expected_max(weights[None, :])[0].mean(axis=1)  # (P, N)
+    values = np.einsum("pxmk,k->pxm", env.outcome_scores, weights)
+    N = np.arange(1, env.n_max + 1)
+    out = {}
+    for tier, lam in BON_TIERS:
+        utility = fixed_curve - lam * env.cost[:, None] * N[None, :]
+        p, n = np.unravel_index(np.argmax(utility), utility.shape)
+        fixed = {"prompt": int(p), "n": int(n + 1), "credit": float(fixed_curve[p, n]), "completions": float(n + 1),
+                 "utility": float(utility[p, n])}
+        arms = []
+        for q in np.argsort(-utility.max(axis=1))[:top]:
+            for waves in WAVES[:3]:
+                for cap in BON_CAPS:
+                    for threshold in BON_THRESHOLDS:
+                        v = sequential_bon(values[q], env.outcome_probs[q], cap, waves, float(threshold))
+                        credit, comp = float(v.credit.mean()), float(v.completions.mean())
+                        arms.append({"prompt": int(q), "n_max": cap, "waves": str(waves), "threshold": float(threshold),
+                                     "credit": credit, "completions": comp, "waves_per_request": float(v.waves.mean()),
+                                     "utility": credit - lam * float(env.cost[q]) * comp})
+        best = max(arms, key=lambda a: a["utility"])
+        fits = [a for a in arms if a["utility"] >= fixed["utility"] - 1e-12]
+        cheapest = min(fits, key=lambda a: a["completions"]) if fits else None
+        out[tier] = {"cost_weight": lam, "best_fixed": fixed, "best_sequential": best,
+                     "fewest_completions_at_fixed_utility": cheapest}
+        print(f"synth-bon {tier:5s} λ={lam:<4} fixed p{fixed['prompt']} N={fixed['n']:2d} u={fixed['utility']:.4f} | "
+              f"best threshold arm p{best['prompt']} τ={best['threshold']} N_max={best['n_max']} waves {best['waves']} "
+              f"u={best['utility']:.4f} comp={best['completions']:.2f} w={best['waves_per_request']:.2f} | "
+              + (f"at fixed utility: {cheapest['completions']:.2f} completions "
+                 f"({cheapest['completions'] / fixed['completions']:.2f}×)" if cheapest else "none at fixed utility"),
+              flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", default="math,synth-mv")
@@ -156,7 +206,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--trained", help="budgets, e.g. 5000,10000: the learned policy with sequential arms or not")
     parser.add_argument("--splits", type=int, default=10)
+    parser.add_argument("--bon", action="store_true", help="only the best-of-N threshold comparison")
     args = parser.parse_args()
+    if args.bon:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "adaptive_bon.json").write_text(json.dumps(bon_report(args.top), indent=1))
+        return print(f"wrote {RESULTS / 'adaptive_bon.json'}")
     if args.trained:
         return trained_report([int(b) for b in args.trained.split(",")], args.splits, args.workers)
     started, report = time.time(), {"environments": {}}
@@ -177,7 +232,7 @@ def main() -> None:
                 arm["utility"] = arm["credit"] - weight * float(env.cost[arm["prompt"]]) * arm["completions"]
             best = max(arms, key=lambda a: a["utility"])
             cheapest = {}
-            for slack in (0.0, 0.001, 0.005):
+            for slack in (0.0, 1e-5, 0.001, 0.005):
                 fits = [a for a in arms if a["utility"] >= fixed["utility"] - slack - 1e-12]
                 cheapest[str(slack)] = dict(min(fits, key=lambda a: a["completions"])) if fits else None
             by_waves = {}
@@ -190,10 +245,14 @@ def main() -> None:
             tiers[tier] = {"cost_weight": weight, "best_fixed": fixed, "best_sequential": dict(best),
                            "fewest_completions_at_fixed_utility_minus": cheapest, "by_waves": by_waves}
             ratio = cheapest["0.0"]["completions"] / fixed["completions"] if cheapest["0.0"] else float("nan")
+            near = cheapest["1e-05"]
             print(f"{name:9s} {tier:5s} λ={weight:<4} fixed p{fixed['prompt']} N={fixed['n']:2d} "
                   f"u={fixed['utility']:.4f} | best seq p{best['prompt']} {best['rule']} N_max={best['n_max']} "
                   f"waves {best['waves']} u={best['utility']:.4f} comp={best['completions']:.2f} "
-                  f"w={best['waves_per_request']:.2f} | equal-utility completions ratio {ratio:.3f}", flush=True)
+                  f"w={best['waves_per_request']:.2f} | equal-utility completions ratio {ratio:.3f}; within 1e-5: "
+                  f"{near['rule']} N_max={near['n_max']} waves {near['waves']} comp={near['completions']:.2f} "
+                  f"({near['completions'] / fixed['completions']:.3f}), credit {near['credit']:.6f} "
+                  f"vs {fixed['credit']:.6f}", flush=True)
         report["environments"][name] = {"prompts_searched": sorted(prompts), "tiers": tiers, "arms": len(arms)}
     report["seconds"] = round(time.time() - started, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)

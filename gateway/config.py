@@ -194,12 +194,14 @@ class Adaptive(Strict):
     the answer is below `risk`; `lead` stops when the leader is `lead` votes ahead (cheaper, and may
     cost accuracy); `learned`: `iapo train` chooses the rule and N_max per tier, or a fixed arm, by the
     tier's utility, taking the fewest completions among arms within `tolerance` of the best utility.
-    Best-of-N routes draw all N."""
+    Best-of-N routes draw in the same waves when `threshold` is set, scoring each wave as it arrives,
+    and stop once a completion's weighted score (the tier's weights) reaches it; without it, all N."""
 
     rule: Literal["settled", "likely", "lead", "learned"] = "settled"
     lead: int = Field(3, ge=1)
     risk: float = Field(0.001, gt=0, lt=1)
     tolerance: float = Field(DEFAULT_TOLERANCE, ge=0, le=0.1)
+    threshold: float | None = Field(None, ge=0)  # best-of-N: stop once a weighted score reaches it
     first_wave: int = Field(2, ge=1)
     wave: int = Field(2, ge=1)
     max_waves: int | None = Field(None, ge=1)

@@ -16,8 +16,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator
 
+import numpy as np
+
 from gateway.access import Access, Caller, Target
-from gateway.aggregation import Choice, choose
+from gateway.aggregation import Choice, WaveScores, choose
 from gateway.errors import (GatewayError, UpstreamRejected, internal_error, invalid, store_unavailable,
                             upstream_failed)
 from gateway.openai_wire import chat_chunks, chat_completion, sse, sse_error, usage_of
@@ -32,7 +34,7 @@ from gateway.worst_case import INJECTED_LIMIT_FIELD, Bound, bound, token_limit
 from policies.aggregate import answer_of
 from policies.arms import Arm
 from policies.budget import clamp_n
-from policies.stopping import StoppingRule, Waves, settled
+from policies.stopping import StoppingRule, Waves, reached, settled
 from store.errors import StoreUnavailable
 from store.spend import BudgetExhausted, Reservation
 
@@ -209,7 +211,8 @@ class Pipeline:
         scoring = rt.scorers[plan.route.model].timeout if plan.route is not None and plan.route.model in rt.scorers else 0
         sequential = sequential_plan(plan, caller.tier)
         calls = len(sequential[0].ends(plan.n)) if sequential else 1  # an adaptive request calls once per wave
-        expires = time.time() + plan.upstream.deadline_s * calls + scoring + rt.settings.store.reservation_grace_seconds
+        expires = (time.time() + (plan.upstream.deadline_s + scoring) * calls  # best-of-N waves score each wave
+                   + rt.settings.store.reservation_grace_seconds)
         degrade = plan.route is not None and caller.tier.on_exhausted == "degrade"
         fallbacks = self._fallbacks(rt, call, ticket) if degrade else []
         where = dict(owner=svc.instance_id, expires_at=expires, reservation_id=ticket.record.id)
@@ -254,7 +257,7 @@ class Pipeline:
         plan, record = ticket.plan, ticket.record
         draw, choice = Draw([]), None
         try:
-            answers = await self._draw(rt, plan, ticket.caller.tier, record, draw, relay)
+            judged = await self._draw(rt, plan, ticket.caller.tier, record, draw, relay)
             completions = self._price_unknown(draw.completions, plan)
             ticket.upstream_s = max((c.latency_s for c in completions), default=0.0)
             record.upstream_id = ",".join(draw.upstream_ids)[:500] or None
@@ -265,7 +268,8 @@ class Pipeline:
                 await self._finish(ticket, err.status, completions, error=err.message)
                 raise err
             choice = await choose(rt, plan.route, ticket.caller.tier, plan.body["messages"], completions,
-                                  self.service.rng, answers)
+                                  self.service.rng, answers=judged if isinstance(judged, list) else None,
+                                  scored=judged if isinstance(judged, WaveScores) else None)
         finally:
             await self._settle(ticket, draw.completions, choice)
         record.chosen_index, record.chosen_answer = choice.index, choice.info.get("answer")
@@ -286,16 +290,19 @@ class Pipeline:
         return Outcome(200, body, self._headers(ticket, logged))
 
     async def _draw(self, rt: Runtime, plan: Plan, tier, record: RequestRecord, draw: Draw,
-                    relay: Relay | None = None) -> list | None:
-        """The arm's N in one call, or, on a tier with `adaptive` and a majority-vote route, in waves
-        until the vote is settled (the reservation covers all N; settle books what was drawn). Fills
-        `draw` in place, so waves already paid for are settled even if a later one is interrupted;
-        returns the answers the waves were judged by (None when drawn at once), for the vote."""
+                    relay: Relay | None = None) -> list | WaveScores | None:
+        """The arm's N in one call, or, on a tier with `adaptive`, in waves until the vote is settled
+        (majority vote) or a completion's weighted score reaches the tier's threshold (best-of-N); the
+        reservation covers all N, settle books what was drawn. Fills `draw` in place, so waves already
+        paid for are settled even if a later one is interrupted; returns what the waves were judged by
+        (the answers, or the scores), for the choice; None when drawn at once."""
         sequential = sequential_plan(plan, tier)
         if sequential is None:
             draw.extend(await plan.upstream.draw(plan.body, plan.n))
             return None
         waves, rule = sequential
+        if plan.route.aggregator == "bon":
+            return await self._draw_scored(rt, plan, tier, record, draw, relay, waves, rule)
         extract = rt.extractors[plan.route.model]
         answers, drawn = [], 0
         for record.waves, end in enumerate(waves.ends(plan.n), 1):
@@ -311,6 +318,27 @@ class Pipeline:
             if all(c.error for c in part.completions) or (relay is not None and relay.client_gone):
                 break  # a failing upstream, or nobody waiting: do not pay for more waves
         return answers
+
+    async def _draw_scored(self, rt: Runtime, plan: Plan, tier, record: RequestRecord, draw: Draw,
+                           relay: Relay | None, waves: Waves, threshold: float) -> WaveScores:
+        """Best-of-N in waves: score each wave as it arrives; stop once a weighted score reaches the
+        threshold, a scorer fails, a wave fails entirely, or the client is gone."""
+        scored = WaveScores(rt.scorers[plan.route.model].names)
+        weights = np.asarray(rt.weights(plan.route, tier), dtype=float)
+        drawn = 0
+        for record.waves, end in enumerate(waves.ends(plan.n), 1):
+            body = plan.body
+            if drawn and isinstance(body.get("seed"), int):
+                body = {**body, "seed": body["seed"] + drawn}
+            part = await plan.upstream.draw(body, int(end) - drawn)
+            draw.extend(part)
+            drawn = int(end)
+            scores = await scored.add(rt, plan.route, plan.body["messages"], part.completions)
+            if scores is None or reached(scores @ weights, drawn, plan.n, threshold):
+                break
+            if all(c.error for c in part.completions) or (relay is not None and relay.client_gone):
+                break
+        return scored
 
     def _price_unknown(self, completions: list[Completion], plan: Plan) -> list[Completion]:
         """Completions the provider may have billed without saying how much (no usage, or a timeout after
@@ -563,12 +591,15 @@ class Pipeline:
         return headers
 
 
-def sequential_plan(plan: Plan, tier) -> tuple[Waves, StoppingRule] | None:
-    """How an adaptive tier draws this plan's N (majority-vote routes, N > 1): its waves, and the rule of
-    the arm (a learned policy's) or of the tier's config; None to draw all N at once."""
+def sequential_plan(plan: Plan, tier) -> tuple[Waves, StoppingRule | float] | None:
+    """How an adaptive tier draws this plan's N (N > 1): its waves, and on majority-vote routes the rule
+    of the arm (a learned policy's) or of the tier's config, on best-of-N routes the tier's score
+    threshold; None to draw all N at once."""
     adaptive = tier.adaptive
-    if adaptive is None or plan.route is None or plan.route.aggregator != "mv" or plan.n == 1:
+    if adaptive is None or plan.route is None or plan.n == 1:
         return None
+    if plan.route.aggregator == "bon":
+        return (adaptive.waves, adaptive.threshold) if adaptive.threshold is not None else None
     rule = StoppingRule.parse(plan.arm.stop) if plan.arm is not None and plan.arm.stop else adaptive.stopping_rule
     return (adaptive.waves, rule) if rule is not None else None  # `learned` with a fixed arm: all N at once
 

@@ -306,3 +306,61 @@ def best_sequential(counts: np.ndarray, missing: np.ndarray, cost: float, weight
     rule, cap, value = candidates[i]
     return SequentialChoice(rule, int(cap), float(utility[i]), float(value.credit.mean()),
                             float(value.completions.mean()), float(value.waves.mean()))
+
+
+def sequential_bon(values: np.ndarray, probs: np.ndarray, n_max: int, waves: Waves,
+                   threshold: float) -> SequentialValue:
+    """Exact expected utility of the chosen completion, completions and waves of a best-of-N arm drawn
+    in waves that stops at a wave's end once some completion's utility (the tier's weighted score)
+    reaches `threshold`; per query.
+
+    values: (R, M) utility of each of a query's M outcomes, probs: (R, M) their chances. Paths still
+    drawing at a wave's end e have every earlier draw below the threshold; they stop there when one of
+    the wave's draws reaches it (the chosen one is then the wave's best), and the last wave takes the
+    best of everything (the earlier draws, all below the threshold, and the last wave's)."""
+    values, probs = np.asarray(values, dtype=float), np.asarray(probs, dtype=float)
+    order = np.argsort(values, axis=1)
+    u = np.take_along_axis(values, order, axis=1)
+    cdf = np.clip(np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1), 0.0, 1.0)
+    before = np.hstack([np.zeros((len(u), 1)), cdf[:, :-1]])  # F(x−)
+    high = u >= threshold
+    below = np.where(high, 0.0, probs[np.arange(len(u))[:, None], order]).sum(axis=1)  # P(one draw < threshold)
+    ends = waves.ends(n_max)
+    credit, completions, wave_count = (np.zeros(len(u)) for _ in range(3))
+    start = 0
+    for k, end in enumerate(ends, start=1):
+        width = int(end) - start
+        reach = below ** start  # every earlier draw below the threshold
+        if end < n_max:
+            credit += reach * np.sum(np.where(high, u * (cdf ** width - before ** width), 0.0), axis=1)
+            stop = reach * (1 - below ** width)
+        else:  # the last wave: the best of all draws, the earlier ones below the threshold
+            capped, capped_before = np.minimum(cdf, below[:, None]), np.minimum(before, below[:, None])
+            credit += np.sum(u * (capped ** start * cdf ** width - capped_before ** start * before ** width), axis=1)
+            stop = reach
+        completions += int(end) * stop
+        wave_count += k * stop
+        start = int(end)
+    return SequentialValue(credit, completions, wave_count)
+
+
+def brute_force_bon(values: np.ndarray, probs: np.ndarray, n_max: int, waves: Waves,
+                    threshold: float) -> tuple[float, float, float]:
+    """`sequential_bon` for one query by enumerating every sequence of n_max draws (tests only)."""
+    M = len(probs)
+    seqs = np.indices((M,) * n_max).reshape(n_max, -1).T
+    weight = np.prod(np.asarray(probs)[seqs], axis=1)
+    drawn = np.asarray(values)[seqs]
+    stopped_at, wave_no = np.full(len(seqs), n_max), np.full(len(seqs), len(waves.ends(n_max)))
+    open_ = np.ones(len(seqs), dtype=bool)
+    for w, m in enumerate(waves.ends(n_max), start=1):
+        stop = open_ & ((drawn[:, :m].max(axis=1) >= threshold) | (m == n_max))
+        stopped_at[stop], wave_no[stop] = m, w
+        open_ &= ~stop
+    best = np.array([row[:m].max() for row, m in zip(drawn, stopped_at)])
+    return float(weight @ best), float(weight @ stopped_at), float(weight @ wave_no)
+
+
+def reached(utilities: np.ndarray, drawn: int, n_max: int, threshold: float) -> bool:
+    """Serving's check for best-of-N waves: has a completion's utility reached the threshold (or N_max)?"""
+    return drawn >= n_max or bool(np.any(np.asarray(utilities, dtype=float) >= threshold))

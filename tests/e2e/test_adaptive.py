@@ -10,7 +10,8 @@ from gateway.config import hash_key
 from tests.e2e.test_front_door import upstream_cfg
 from tests.support import metric_value, metrics_snapshot
 
-KEYS = {"fixed": "key-fixed", "settled": "key-settled", "lead": "key-lead", "short": "key-short", "likely": "key-likely"}
+KEYS = {"fixed": "key-fixed", "settled": "key-settled", "lead": "key-lead", "short": "key-short", "likely": "key-likely",
+        "scored": "key-scored"}
 ASK = [{"role": "user", "content": "What is 3 + 4?"}]
 
 
@@ -20,12 +21,17 @@ def gw(start_gateway, scripted):
         "upstreams": {"scripted": upstream_cfg(scripted.url)},
         "routes": [{"model": "vote", "upstream": "scripted", "aggregator": "mv", "n_max": 8,
                     "prompts": [{"id": "p0", "system": "Answer in \\boxed{}.", "params": {"max_tokens": 50}}],
+                    "start": {"default": {"prompt": "p0", "n": 8}}},
+                   {"model": "best", "upstream": "scripted", "aggregator": "bon", "n_max": 8,
+                    "objectives": [{"name": "valid", "scorer": {"type": "json"}}],
+                    "prompts": [{"id": "p0", "system": "Answer in JSON.", "params": {"max_tokens": 50}}],
                     "start": {"default": {"prompt": "p0", "n": 8}}}],
         "tiers": [{"name": "fixed"},
                   {"name": "settled", "adaptive": {"rule": "settled", "first_wave": 2, "wave": 2},
                    "caps": {"per_day": {"dollars": 10.0}}},
                   {"name": "lead", "adaptive": {"rule": "lead", "lead": 2, "first_wave": 2, "wave": 2}},
                   {"name": "likely", "adaptive": {"rule": "likely", "risk": 0.01, "first_wave": 2, "wave": 2}},
+                  {"name": "scored", "adaptive": {"threshold": 0.9, "first_wave": 2, "wave": 2}},
                   {"name": "short", "adaptive": {"rule": "settled", "first_wave": 2, "wave": 2, "max_waves": 2}}],
         "default_tier": "fixed",
         "api_keys": [{"hash": hash_key(key), "tier": tier} for tier, key in KEYS.items()],
@@ -33,8 +39,8 @@ def gw(start_gateway, scripted):
     })
 
 
-def ask(gw, tier: str) -> tuple[dict, dict]:
-    r = gw.client(KEYS[tier]).chat.completions.with_raw_response.create(model="vote", messages=ASK)
+def ask(gw, tier: str, model: str = "vote") -> tuple[dict, dict]:
+    r = gw.client(KEYS[tier]).chat.completions.with_raw_response.create(model=model, messages=ASK)
     return json.loads(r.text), dict(r.headers)
 
 
@@ -82,6 +88,23 @@ def test_a_likely_rule_stops_once_the_draws_left_would_almost_never_change_the_a
     # 4–0 with 4 left: 1/252 < 0.01, stop (where `settled` needs 6)
     assert drawn(scripted) == [2, 2] and body["iapo"]["completions"] == 4 and headers["x-iapo-waves"] == "2"
     assert body["iapo"]["answer"] == "7"
+
+
+def test_best_of_n_stops_once_a_completion_reaches_the_threshold(gw, scripted):
+    scripted.script.update({"contents": ["not json", '{"x": 1}']})  # each wave of 2 holds one valid answer
+    body, headers = ask(gw, "scored", "best")
+    assert drawn(scripted) == [2] and body["iapo"]["completions"] == 2 and headers["x-iapo-waves"] == "1"
+    assert body["choices"][0]["message"]["content"] == '{"x": 1}' and body["iapo"]["scores"] == {"valid": 1.0}
+    assert len(gw.rows("select cost from completions where request_id = ?", [body["id"]])) == 2
+
+
+def test_best_of_n_below_the_threshold_draws_every_wave_and_keeps_the_best(gw, scripted):
+    scripted.script.update({"content": "not json"})
+    body, _ = ask(gw, "scored", "best")
+    assert drawn(scripted) == [2, 2, 2, 2] and body["iapo"]["completions"] == 8 and body["iapo"]["waves"] == 4
+    scripted.records.clear()
+    body, _ = ask(gw, "settled", "best")  # no threshold on the tier: best-of-N draws all N at once
+    assert drawn(scripted) == [8] and "waves" not in body["iapo"]
 
 
 def test_max_waves_draws_the_rest_in_the_last_wave(gw, scripted):

@@ -157,3 +157,23 @@ def test_a_tolerance_lets_a_free_tier_take_a_rule_that_almost_never_changes_the_
     assert exact.rule == StoppingRule("settled")
     assert loose.completions < exact.completions
     assert loose.credit >= exact.credit - 1e-4 - 1e-9
+
+
+@pytest.mark.parametrize("waves", [Waves(1, 1), Waves(2, 2), Waves(3, 1), Waves(1, 2, max_waves=2), Waves(5, 1)], ids=str)
+@pytest.mark.parametrize("threshold", [0.0, 0.55, 0.8, 2.0])
+def test_best_of_n_waves_match_brute_force(waves, threshold):
+    rng = np.random.default_rng(2)
+    values = np.round(rng.random((4, 3)), 2)
+    values[0] = [0.3, 0.55, 0.55]  # outcomes with equal values, one exactly at a threshold
+    probs = rng.dirichlet(np.ones(3), size=4)
+    from policies.stopping import brute_force_bon, sequential_bon
+    value = sequential_bon(values, probs, 5, waves, threshold)
+    brute = np.array([brute_force_bon(values[i], probs[i], 5, waves, threshold) for i in range(4)])
+    np.testing.assert_allclose(value.credit, brute[:, 0], atol=1e-12)
+    np.testing.assert_allclose(value.completions, brute[:, 1], atol=1e-12)
+    np.testing.assert_allclose(value.waves, brute[:, 2], atol=1e-12)
+    if threshold > 1:  # never reached: the fixed arm's expected best of 5, all 5 drawn
+        cdf_sorted = [np.cumsum(p[np.argsort(v)]) for v, p in zip(values, probs)]
+        fixed = [np.sum(np.sort(v) * (c ** 5 - np.concatenate([[0], c[:-1]]) ** 5)) for v, c in zip(values, cdf_sorted)]
+        np.testing.assert_allclose(value.credit, fixed, atol=1e-12)
+        np.testing.assert_allclose(value.completions, 5.0)
