@@ -6,11 +6,18 @@ For each environment and tier (λ), every fixed arm (prompt, N ≤ n_max) is val
 (policies.environments), and sequential arms (prompt, N_max ≤ n_max, waves, stopping rule) are valued
 exactly by policies.stopping on the tier's `top` best prompts (by fixed value). Utility of an arm is
 mean credit − λ · cost per completion · expected completions. Reported per tier: the best fixed arm; the
-best sequential arm; and, at utility equal to the best fixed arm's or better (and within 0.001 and
-0.005 below it), the sequential arm with the fewest completions per request; the same for each wave
-schedule, since waves are latency. Values are over all
+best sequential arm; and, at utility equal to the best fixed arm's or better (and within 10⁻⁵, 0.001
+and 0.005 below it), the sequential arm with the fewest completions per request; the same for each
+wave schedule, since waves are latency. Rules: `settled`, `likely` ε ∈ {10⁻⁴, 10⁻³, 10⁻²} (N_max 16,
+32) and `lead` d ∈ {2, 3, 4, 6}. Values are over all
 queries of each environment (an oracle comparison of arm families: no training, no sampling noise).
 Writes bench/results/adaptive.json.
+
+    python bench/adaptive.py --bon
+
+Best-of-N on the synthetic BoN task (weights 0.5/0.5, the three λ tiers): the best fixed arm against
+threshold stopping (stop at a wave's end once a completion's weighted score reaches τ), exact values
+(policies.stopping.sequential_bon). Writes bench/results/adaptive_bon.json.
 
     python bench/adaptive.py --trained 5000,10000 [--splits 10]
 
@@ -106,8 +113,7 @@ def trained(args) -> dict:
     for c, (tier, weight) in enumerate(zip(env.tier_names, env.tier_cost_weight)):
         p, n = int(policy[tier][0][1:]), int(policy[tier][1])
         choice = best_sequential(*est.answer_counts(p), float(est.cost_per_completion()[p]), weight,
-                                 n, env.n_max, TRAINED_WAVES, float(est.mean()[c, p, n - 1]),
-                                 tolerance=DEFAULT_TOLERANCE)
+                                 n, env.n_max, TRAINED_WAVES, tolerance=DEFAULT_TOLERANCE)
         row = {"fixed": {"prompt": p, "n": n, "test_utility": float(test_values[c, p, n - 1]),
                          "completions": float(n), "waves": 1.0}}
         if choice is not None:

@@ -475,7 +475,8 @@ class RouteTrainer:
                     report: TrainingReport) -> SequentialChoice | None:
         """On a majority-vote route and a tier with `adaptive: {rule: learned}`: the chosen prompt's best
         sequential arm (waves of the tier's config, N_max within what the tier can be served) when its
-        plug-in value, from the engine's pooled answer counts, is at least the fixed arm's."""
+        plug-in value, from the engine's pooled answer counts, is at least the fixed arm's on the same
+        counts (less the tier's tolerance)."""
         adaptive = self.settings.tier(tier).adaptive
         estimates = engine.estimates
         if self.route.aggregator != "mv" or adaptive is None or adaptive.rule != "learned" \
@@ -484,7 +485,7 @@ class RouteTrainer:
         p = engine.prompt_index[prompt_id]
         return best_sequential(*estimates.answer_counts(p), float(estimates.cost_per_completion()[p]),
                                contexts_for(self.rt, self.route)[tier].cost_weight, n, report.feasible[tier][prompt_id],
-                               adaptive.waves, fixed_value, tolerance=adaptive.tolerance)
+                               adaptive.waves, tolerance=adaptive.tolerance)
 
     def _publish(self, db, engine: PSST, report: TrainingReport, publish_partial: bool) -> None:
         route = self.route

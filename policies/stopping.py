@@ -272,17 +272,18 @@ LEARNED_RULES = (StoppingRule("settled"), StoppingRule("likely", risk=0.001), St
 
 
 def best_sequential(counts: np.ndarray, missing: np.ndarray, cost: float, weight: float, n: int, n_limit: int,
-                    waves: Waves, fixed_utility: float, rules=LEARNED_RULES,
-                    tolerance: float = 0.0) -> SequentialChoice | None:
+                    waves: Waves, rules=LEARNED_RULES, tolerance: float = 0.0) -> SequentialChoice | None:
     """The sequential arm of one prompt a tier should serve instead of its fixed arm (n), or None.
 
     counts: (rows, K) answer counts of the prompt's queries, gold in column 0, and missing: (rows,) draws
     without an answer (the engine's pooled counts: their plug-in distributions value every arm).
     Candidates: the rules that look at N_max (`settled`, `likely`) at n and at n_limit, the lead rules
-    at every N_max ≤ n_limit. Utility is credit − weight · cost · completions. The candidates within
-    `tolerance` of the best utility (and of `fixed_utility`, the fixed arm's plug-in value) qualify,
-    and the one with the fewest completions wins (`settled` at n ties the fixed arm at weight 0; a
-    tolerance lets a `likely` arm that changes an answer once in 10⁵ requests win there).
+    at every N_max ≤ n_limit. Utility is credit − weight · cost · completions, for the candidates and
+    for the fixed arm alike, on the same plug-in distributions (the engine's own estimate of the fixed
+    arm may be modelled otherwise, e.g. shrunk, and is not comparable). The candidates within
+    `tolerance` of the best utility and of the fixed arm's qualify, and the one with the fewest
+    completions wins (`settled` at n ties the fixed arm at weight 0; a tolerance lets a `likely` arm
+    that changes an answer once in 10⁵ requests win there).
     """
     probs = _modelled(counts, missing)
     if not len(probs) or n_limit < 1:
@@ -299,6 +300,9 @@ def best_sequential(counts: np.ndarray, missing: np.ndarray, cost: float, weight
     if not candidates:
         return None
     utility = np.array([v.credit.mean() - weight * cost * v.completions.mean() for _, _, v in candidates])
+    fixed_n = min(n, n_limit)
+    fixed = sequential_mv(probs, gold, fixed_n, Waves(fixed_n, 1), StoppingRule("never"), abstain=True)
+    fixed_utility = fixed.credit.mean() - weight * cost * fixed_n
     good = np.flatnonzero(utility >= max(utility.max(), fixed_utility) - tolerance - 1e-9)
     if not len(good):
         return None

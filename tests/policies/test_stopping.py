@@ -99,14 +99,15 @@ def test_a_tier_takes_a_sequential_arm_only_when_it_is_worth_it():
     rng = np.random.default_rng(3)
     easy = np.column_stack([rng.integers(7, 9, 40), rng.integers(0, 2, 40), np.zeros(40)])  # mostly unanimous
     none = np.zeros(40)
-    free = best_sequential(easy, none, cost=0.01, weight=0.0, n=16, n_limit=16, waves=Waves(2, 2), fixed_utility=0.99)
+    free = best_sequential(easy, none, cost=0.01, weight=0.0, n=16, n_limit=16, waves=Waves(2, 2))
     assert free is not None and free.completions < 16  # at λ = 0, `settled` ties the fixed arm for less
-    assert free.credit >= 0.99 - 1e-9
-    paying = best_sequential(easy, none, cost=0.01, weight=5.0, n=8, n_limit=16, waves=Waves(2, 2),
-                             fixed_utility=0.5)
+    fixed = plugin_vote_credit(easy.astype(int), none.astype(int), 16)[:, 15].mean()
+    assert free.credit >= fixed - 1e-5 - 1e-9
+    paying = best_sequential(easy, none, cost=0.01, weight=5.0, n=8, n_limit=16, waves=Waves(2, 2))
     assert paying is not None and paying.completions < 8
-    assert best_sequential(easy, none, cost=0.01, weight=0.0, n=16, n_limit=16, waves=Waves(2, 2),
-                           fixed_utility=1.5) is None  # nothing beats a fixed arm valued above every candidate
+    assert paying.utility >= plugin_vote_credit(easy.astype(int), none.astype(int), 8)[:, 7].mean() - 5.0 * 0.01 * 8
+    # when completions are dear, one draw (the fixed arm, N = 1) beats every arm that may draw more
+    assert best_sequential(easy, none, cost=0.01, weight=1000.0, n=1, n_limit=16, waves=Waves(1, 1)) is None
 
 
 def test_overturn_chance_is_the_beta_binomial_tail_integrated_over_the_runner_ups_share():
@@ -151,9 +152,8 @@ def test_a_tolerance_lets_a_free_tier_take_a_rule_that_almost_never_changes_the_
     rng = np.random.default_rng(5)
     counts = np.column_stack([rng.integers(5, 9, 80), rng.integers(0, 4, 80), rng.integers(0, 2, 80)])
     none = np.zeros(80)
-    exact = best_sequential(counts, none, cost=0.01, weight=0.0, n=32, n_limit=32, waves=Waves(1, 1), fixed_utility=0.0)
-    loose = best_sequential(counts, none, cost=0.01, weight=0.0, n=32, n_limit=32, waves=Waves(1, 1),
-                            fixed_utility=0.0, tolerance=1e-4)
+    exact = best_sequential(counts, none, cost=0.01, weight=0.0, n=32, n_limit=32, waves=Waves(1, 1))
+    loose = best_sequential(counts, none, cost=0.01, weight=0.0, n=32, n_limit=32, waves=Waves(1, 1), tolerance=1e-4)
     assert exact.rule == StoppingRule("settled")
     assert loose.completions < exact.completions
     assert loose.credit >= exact.credit - 1e-4 - 1e-9
