@@ -38,7 +38,8 @@ RESULTS = ROOT / "bench" / "results"
 
 
 ALGORITHMS = {
-    "PSST": PSST,  # ours, default: pooled plug-in estimates, pulls of 8
+    "PSST": PSST,  # ours, default: pooled estimates with soft-shrunk MV curves, pulls of 4
+    "PSST (plug-in curves, pulls of 8)": functools.partial(PSST, shrink=False),  # the default before issue 11
     "PSST (subset; largest N)": functools.partial(PSST, estimator="subset"),
     "PSST-paper (blocks; unpaired)": Unpaired(PSST, estimator="block"),
     "PSST+Top-1": functools.partial(PSST, screening=TopK(1)),
@@ -50,8 +51,8 @@ ALGORITHMS = {
     "Prompt at N=1 then N": PromptThenN,
 }
 
-# ablations of the default (pulls of 8, halving prompts), at T = 5K and 10K only
-SWEEP = {f"PSST, pulls of {m}": functools.partial(PSST, pull_size=m) for m in (4, 6, 12, 16)}
+# ablations of the default (pulls of 4, halving prompts), at T = 5K and 10K only
+SWEEP = {f"PSST, pulls of {m}": functools.partial(PSST, pull_size=m) for m in (6, 8, 12, 16)}
 SWEEP["PSST, halving arms (⌈log2 |A|⌉ rounds)"] = functools.partial(PSST, halve_prompts=False)
 SWEEP_BUDGETS = (5000, 10000)
 

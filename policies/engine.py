@@ -74,7 +74,7 @@ class Engine:
     def __init__(self, prompts: Sequence[str], n_max: int, contexts: dict[str, Context], budget: int,
                  aggregator: str = "mv", seed: int = 0, estimator: str = "subset", permutations: int = 8,
                  n_queries: int | None = None, feasible: Mapping[str, Mapping[str, int]] | None = None,
-                 shrink: bool = False) -> None:
+                 shrink: bool | str = False) -> None:
         if aggregator not in ("mv", "bon"):
             raise ValueError("aggregator must be 'mv' or 'bon'")
         if not prompts or n_max < 1 or budget < 0 or not contexts:

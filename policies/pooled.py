@@ -83,7 +83,7 @@ class PooledEstimates:
     """
 
     def __init__(self, weights: np.ndarray, cost_weights: np.ndarray, n_prompts: int, n_max: int,
-                 shrink: bool = False) -> None:
+                 shrink: bool | str = False) -> None:
         self.weights = np.asarray(weights, dtype=float)
         self.cost_weights = np.asarray(cost_weights, dtype=float)
         self.n_prompts, self.n_max = n_prompts, n_max
@@ -103,7 +103,11 @@ class PooledEstimates:
         self._anonymous = 0
         self._curve_cache: dict[bytes, np.ndarray] = {}
         self._dirty: list[np.ndarray] = []  # MV rows whose curves are stale (computed in one batch on read)
-        self.shrinkage = Shrinkage(n_prompts, n_max) if shrink else None  # empirical-Bayes MV curves
+        # MV curves: False = plug-in; True = empirical-Bayes (policies.shrinkage), each prompt's κ chosen by
+        # cross-validation; "soft" = the same, averaged over κ with weights ∝ held-out likelihood
+        if shrink not in (False, True, "soft"):
+            raise ValueError(f"shrink must be False, True or 'soft', got {shrink!r}")
+        self.shrinkage = Shrinkage(n_prompts, n_max, soft=shrink == "soft") if shrink else None
         self.n_classes = 0  # MV answer classes seen (integer labels), for the shrinkage atoms
 
     # -- rows -------------------------------------------------------------------------------

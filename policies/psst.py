@@ -16,7 +16,8 @@ from policies.engine import Engine, Outcome, Pull, feasible_mask, first_of
 
 __all__ = ["PSST", "Context", "Outcome", "TopK", "Pull", "RankedArm", "Engine", "feasible_mask", "first_of"]
 
-POOLED_PULL_SIZE = 8  # completions per pull with pooled estimates (bench/README.md: 6, 8, 12, 16 compared)
+POOLED_PULL_SIZE = 8  # completions per pull with plug-in curves (bench/README.md: 6, 8, 12, 16 compared)
+SHRUNK_PULL_SIZE = 4  # with shrunk curves, whose prior corrects small pools' bias (bench/README.md, issue 11)
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,13 @@ class TopK:
 class PSST(Engine):
     """Prompt Scaling via Sequential Trimming: rounds of pulls, halving the arms of every context.
 
-    Default (ours): pooled plug-in estimates (`policies.pooled`; `shrink=True` shrinks MV curves
-    toward each prompt's fitted prior, `policies.shrinkage`), every active prompt pulled at one size
-    per round on fresh, shared queries — `min_pull` (8), larger only when the round would otherwise
-    revisit queries; `pull_size` fixes it — and ⌈log2 P⌉ rounds that halve each context's prompts
+    Default (ours): pooled estimates (`policies.pooled`) whose MV vote curves are shrunk toward each
+    prompt's fitted prior (`policies.shrinkage`; `shrink="soft"`, the default, averages the priors over
+    the shrinkage strengths κ weighted by held-out likelihood; `True` picks one κ per prompt; `False`
+    is the plug-in curve of each row's own counts), every active prompt pulled at one size per round
+    on fresh, shared queries — `min_pull` (4 with shrunk curves, 8 with plug-in ones), larger only
+    when the round would otherwise revisit queries; `pull_size` fixes it — and ⌈log2 P⌉ rounds that
+    halve each context's prompts
     (keeping all their N): one curve per (prompt, query) values every N, so small pulls on many
     queries replace the paper's pulls at the largest active N on a few. With `estimator="subset"`
     (or "block", the paper's): pulls at the largest active N and halving of arms over ⌈log2 |A|⌉
@@ -49,9 +53,9 @@ class PSST(Engine):
 
     def __init__(self, prompts: Sequence[str], n_max: int, contexts: dict[str, Context], budget: int,
                  aggregator: str = "mv", seed: int = 0, screening: TopK | None = None, pull_size: int | None = None,
-                 estimator: str = "pooled", halve_prompts: bool | None = None, min_pull: int = POOLED_PULL_SIZE,
-                 shrink: bool = False, **options) -> None:
-        # shrink: pooled MV curves shrunk toward each prompt's fitted prior (policies.shrinkage)
+                 estimator: str = "pooled", halve_prompts: bool | None = None, min_pull: int | None = None,
+                 shrink: bool | str = "soft", **options) -> None:
+        # shrink: pooled MV curves shrunk toward each prompt's fitted prior (policies.shrinkage): "soft", True or False
         super().__init__(prompts, n_max, contexts, budget, aggregator, seed, estimator=estimator, shrink=shrink,
                          **options)
         # the unit of halving: prompts (all their N kept) by default when pooled, else arms (the paper)
@@ -59,7 +63,7 @@ class PSST(Engine):
         if pull_size is not None and estimator != "pooled":
             raise ValueError("pull_size needs estimator='pooled' (other estimators cannot value n above a pull's N)")
         self.pull_size = pull_size if estimator == "pooled" else None  # None: chosen per round (pooled)
-        self.min_pull = min_pull
+        self.min_pull = min_pull if min_pull is not None else SHRUNK_PULL_SIZE if shrink else POOLED_PULL_SIZE
         self.screening = screening
         self.screen_budget = int(math.floor(screening.fraction * budget)) if screening else 0
         self.phase = "screen" if screening else "rounds"

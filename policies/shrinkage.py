@@ -123,11 +123,17 @@ class Shrinkage:
     worth of it (κ = 0: its own; ∞: the common one). κ_p is chosen per prompt by two-fold
     cross-validated likelihood of its rows, so a prompt shares the common prior when its answers
     look like everyone's and keeps its own when they do not (`kappa` fixes it for all instead).
+    With `soft`, every κ is kept instead of the best: the prompt's prior is the mixture of its priors
+    at each κ, weighted ∝ exp(held-out log-likelihood) (pseudo-Bayesian model averaging), so a prompt
+    with few rows is not switched between extremes by a noisy cross-validation; the posterior under
+    that mixture is the model average with each row's own evidence.
     """
 
     def __init__(self, n_prompts: int, n_max: int, resolution: int = RESOLUTION, kappa: float | None = None,
-                 level: bool = True) -> None:
+                 level: bool = True, soft: bool = False) -> None:
         self.n_prompts, self.n_max, self.resolution = n_prompts, n_max, resolution
+        self.soft = soft
+        self.kappa_weights = None  # (len(KAPPAS), n_prompts) with `soft`, once κ has been scored
         self.fixed_kappa, self.level = kappa, level
         self.kappa = np.full(n_prompts, np.inf if kappa is None else kappa)
         self.n_classes = 0
@@ -182,6 +188,12 @@ class Shrinkage:
                 score[k] += np.bincount(prompt_of[test], np.log(np.maximum(fit, 1e-300)), minlength=self.n_prompts)
         kappa = self.kappa.copy()
         seen = np.unique(prompt_of)
+        if self.soft:
+            w = np.zeros((len(KAPPAS), self.n_prompts))
+            w[-1] = 1.0  # unseen: the common prior
+            z = score[:, seen] - score[:, seen].max(axis=0)
+            w[:, seen] = np.exp(z) / np.exp(z).sum(axis=0)
+            self.kappa_weights = w
         kappa[seen] = KAPPAS[np.argmax(score[:, seen], axis=0)]
         return kappa
 
@@ -193,7 +205,11 @@ class Shrinkage:
         row_sig = self._signatures(counts)
         if self.fixed_kappa is None and len(row_sig) >= 1.5 * self._chosen_at:  # again as the rows grow
             self.kappa, self._chosen_at = self._choose_kappa(prompt_of, row_sig), len(row_sig)
-        (self.prior,), self.common = self._fit(prompt_of, row_sig, [self.kappa])
+        if self.kappa_weights is not None:
+            priors, self.common = self._fit(prompt_of, row_sig, list(KAPPAS))
+            self.prior = np.einsum("kp,kpa->pa", self.kappa_weights, np.stack(priors))
+        else:
+            (self.prior,), self.common = self._fit(prompt_of, row_sig, [self.kappa])
         post = self.lik[row_sig] * self.prior[prompt_of]
         post /= np.maximum(post.sum(axis=1, keepdims=True), 1e-300)
         curves = post @ self.credit

@@ -85,12 +85,15 @@ def test_psst_pulls_one_size_and_values_every_scale():
     trainer = PSST(prompts=["a", "b"], n_max=32, contexts={"only": Context((1.0,), 0.0)}, budget=2000, seed=0,
                    n_queries=500)
     batch = trainer.ask()
-    assert {n for _, n in batch} == {8}  # enough fresh queries: the smallest pull
+    assert {n for _, n in batch} == {4}  # enough fresh queries: the smallest pull (4 with shrunk curves)
+    plug_in = PSST(prompts=["a", "b"], n_max=32, contexts={"only": Context((1.0,), 0.0)}, budget=2000, seed=0,
+                   n_queries=500, shrink=False)
+    assert {n for _, n in plug_in.ask()} == {8}  # plug-in curves need larger pools
     rng = np.random.default_rng(0)
     trainer.tell([(pull[0], pull[1], Outcome(costs=np.full(pull[1], 0.01), gold=1, query=pull.query,
                                              answers=(rng.random(pull[1]) < 0.6).astype(int)))
                   for pull in batch])
-    assert np.isfinite(trainer.estimates.mean()).all()  # n above 8 is valued too
+    assert np.isfinite(trainer.estimates.mean()).all()  # n above the pull is valued too
 
 
 def test_psst_pulls_grow_when_the_queries_run_out():
