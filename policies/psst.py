@@ -37,7 +37,8 @@ class PSST(Engine):
     prompt's fitted prior (`policies.shrinkage`; `shrink="soft"`, the default, averages the priors over
     the shrinkage strengths κ weighted by held-out likelihood; `True` picks one κ per prompt; `False`
     is the plug-in curve of each row's own counts), every active prompt pulled at one size per round
-    on fresh, shared queries — `min_pull` (4 with shrunk curves, 8 with plug-in ones), larger only
+    on fresh, shared queries — `min_pull` (4 with shrunk vote curves, 8 with plug-in ones and for
+    best-of-N), larger only
     when the round would otherwise revisit queries; `pull_size` fixes it — and ⌈log2 P⌉ rounds that
     halve each context's prompts
     (keeping all their N): one curve per (prompt, query) values every N, so small pulls on many
@@ -63,7 +64,8 @@ class PSST(Engine):
         if pull_size is not None and estimator != "pooled":
             raise ValueError("pull_size needs estimator='pooled' (other estimators cannot value n above a pull's N)")
         self.pull_size = pull_size if estimator == "pooled" else None  # None: chosen per round (pooled)
-        self.min_pull = min_pull if min_pull is not None else SHRUNK_PULL_SIZE if shrink else POOLED_PULL_SIZE
+        shrunk = bool(shrink) and aggregator == "mv"  # shrinkage models vote curves; best-of-N stays plug-in
+        self.min_pull = min_pull if min_pull is not None else SHRUNK_PULL_SIZE if shrunk else POOLED_PULL_SIZE
         self.screening = screening
         self.screen_budget = int(math.floor(screening.fraction * budget)) if screening else 0
         self.phase = "screen" if screening else "rounds"

@@ -89,6 +89,9 @@ def test_psst_pulls_one_size_and_values_every_scale():
     plug_in = PSST(prompts=["a", "b"], n_max=32, contexts={"only": Context((1.0,), 0.0)}, budget=2000, seed=0,
                    n_queries=500, shrink=False)
     assert {n for _, n in plug_in.ask()} == {8}  # plug-in curves need larger pools
+    best_of_n = PSST(prompts=["a", "b"], n_max=32, contexts={"only": Context((1.0,), 0.0)}, budget=2000, seed=0,
+                     n_queries=500, aggregator="bon")
+    assert {n for _, n in best_of_n.ask()} == {8}  # shrinkage models vote curves only: best-of-N keeps 8
     rng = np.random.default_rng(0)
     trainer.tell([(pull[0], pull[1], Outcome(costs=np.full(pull[1], 0.01), gold=1, query=pull.query,
                                              answers=(rng.random(pull[1]) < 0.6).astype(int)))
