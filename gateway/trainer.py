@@ -35,7 +35,7 @@ from policies.arms import Arm, RankedArm
 from policies.budget import clamp_n
 from policies.pooled import PooledEstimates
 from policies.psst import PSST, Context, Outcome, TopK
-from policies.stopping import SequentialChoice, best_sequential
+from policies.stopping import SequentialChoice, best_sequential, learned_rules
 from store.database import open_database
 from store.policy_store import PolicyEntry, PolicyStore
 from store.queries import served_pulls, training_queries
@@ -485,7 +485,7 @@ class RouteTrainer:
         p = engine.prompt_index[prompt_id]
         return best_sequential(*estimates.answer_counts(p), float(estimates.cost_per_completion()[p]),
                                contexts_for(self.rt, self.route)[tier].cost_weight, n, report.feasible[tier][prompt_id],
-                               adaptive.waves, tolerance=adaptive.tolerance)
+                               adaptive.waves, learned_rules(adaptive.risk), tolerance=adaptive.tolerance)
 
     def _publish(self, db, engine: PSST, report: TrainingReport, publish_partial: bool) -> None:
         route = self.route
@@ -498,7 +498,10 @@ class RouteTrainer:
             ranked = list(engine.ranked(tier))
             arm, sequential = Arm(prompt_id, n), self._sequential(engine, tier, prompt_id, n, new_value, report)
             if sequential is not None:  # the tier lets training choose: a sequential arm beat the fixed one
-                arm, new_value = Arm(prompt_id, sequential.n_max, str(sequential.rule)), sequential.utility
+                # the engine's value of the fixed arm plus the sequential arm's gain over it on the
+                # plug-in counts (the engine's own estimate may be shrunk: not comparable as it is)
+                arm = Arm(prompt_id, sequential.n_max, str(sequential.rule))
+                new_value += sequential.utility - sequential.fixed_utility
                 report.sequential[tier] = asdict(sequential) | {"rule": str(sequential.rule), "fixed_n": n}
             report.changes.append(TierChange(tier, prev, arm, old_value, new_value, new_se, ranked))
         report.curves = self._curves(engine, report.feasible)

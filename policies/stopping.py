@@ -14,8 +14,8 @@ Rules, checked at a wave's end with m draws made and r = N_max − m left:
 - `likely(ε)`: the chance that the r remaining draws would change the answer is below ε. The
   runner-up's share of the two leaders' votes is given a Beta(runner-up + 1, leader + 1) posterior
   (uniform prior), and every remaining draw is assumed to go to one of the two (the worst case for
-  the leader); the answer changes if the runner-up would finish level or ahead (a level finish
-  counts half). ε → 0 is `settled`; a small ε stops long before `settled` on queries whose votes
+  the leader against the runner-up; rivals level in second place are not added up); the answer
+  changes if the runner-up would finish level or ahead (a level finish counts half). ε → 0 is `settled`; a small ε stops long before `settled` on queries whose votes
   lean one way, and changes the answer on few paths (the exact walk says how few, and what it costs).
 - `lead(d)`: the leader is at least d votes ahead of the runner-up (d ≥ 1): cheaper still, and may
   cost credit; the engine values that trade exactly.
@@ -25,32 +25,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from math import lgamma
 
 import numpy as np
 
 
-@lru_cache(maxsize=8)
-def overturn_chance(n_max: int) -> np.ndarray:
-    """(n_max + 1,) * 3 table: the chance, indexed [leader's votes, runner-up's votes, draws left r],
-    that the runner-up finishes level with or ahead of the leader (level counts half) when its share
-    q of the r draws has a Beta(runner-up + 1, leader + 1) posterior and all r go to the two
-    (beta-binomial tail). Entries with runner-up > leader are not used."""
-    size = n_max + 1
-    lg1 = np.array([lgamma(i + 1.0) for i in range(3 * size + 2)])  # log Γ(i + 1) = log i!
-    top, second, left = np.meshgrid(np.arange(size), np.arange(size), np.arange(size), indexing="ij")
-    # log B(second + 1 + j, top + 1 + left − j) − log B(second + 1, top + 1), with B(a, b) = Γ(a)Γ(b)/Γ(a+b)
-    base = lg1[second] + lg1[top] - lg1[top + second + 1]
-    total = lg1[top + second + left + 1]
-    chance = np.zeros(top.shape)
-    for j in range(size):  # draws that go to the runner-up
-        fits = j <= left
-        jj, rest = np.minimum(j, left), np.maximum(left - j, 0)
-        log_p = (lg1[left] - lg1[jj] - lg1[rest] + lg1[second + jj] + lg1[top + rest] - total - base)
-        margin = 2 * j - (top - second) - left  # runner-up's final votes − leader's
-        weight = np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0))
-        chance += np.where(fits, weight * np.exp(log_p), 0.0)
-    return chance
+@lru_cache(maxsize=4)
+def _log_factorials(size: int) -> np.ndarray:
+    """log i! for i < size (read-only)."""
+    table = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, size)))])
+    table.flags.writeable = False
+    return table
+
+
+def overturn_chance(top, second, left: int) -> np.ndarray:
+    """The chance that the runner-up finishes level with (counts half) or ahead of the leader, for
+    states with `top` and `second` votes and `left` draws to go, when the runner-up's share q of the
+    two leaders' votes has a Beta(second + 1, top + 1) posterior and all `left` draws go to the two
+    (a beta-binomial tail; O(left) per state, vectorised over states). Looking at the runner-up only,
+    it understates the chance when several rivals are level in second place."""
+    top = np.asarray(top, dtype=np.int64)[..., None]
+    second = np.asarray(second, dtype=np.int64)[..., None]
+    left = int(left)
+    j = np.arange(left + 1)  # draws that go to the runner-up
+    lf = _log_factorials(int(top.max(initial=0)) + int(second.max(initial=0)) + left + 2)
+    # C(left, j) · B(second + 1 + j, top + 1 + left − j) / B(second + 1, top + 1), B(a, b) = Γ(a)Γ(b)/Γ(a+b)
+    log_p = (lf[left] - lf[j] - lf[left - j] + lf[second + j] + lf[top + left - j] - lf[top + second + left + 1]
+             - lf[second] - lf[top] + lf[top + second + 1])
+    margin = 2 * j - (top - second) - left  # runner-up's final votes − leader's
+    weight = np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0))
+    return np.sum(weight * np.exp(log_p), axis=-1)
 
 
 @dataclass(frozen=True)
@@ -78,14 +81,13 @@ class StoppingRule:
         if self.kind == "settled":
             return top - second > left
         if self.kind == "likely":
-            chance = overturn_chance(n_max)[np.minimum(top, n_max), np.minimum(second, n_max), left]
-            return (top - second > left) | (chance < self.risk)
+            return (top - second > left) | (overturn_chance(top, second, left) < self.risk)
         return top - second >= self.lead
 
     def __str__(self) -> str:
         if self.kind == "lead":
             return f"lead{self.lead}"
-        return f"likely{self.risk:g}" if self.kind == "likely" else self.kind
+        return f"likely{self.risk!r}" if self.kind == "likely" else self.kind
 
     @classmethod
     def parse(cls, text: str) -> "StoppingRule":
@@ -94,9 +96,10 @@ class StoppingRule:
             return cls("lead", lead=int(text[4:]))
         if text.startswith("likely"):
             try:
-                return cls("likely", risk=float(text[6:]))
+                risk = float(text[6:])
             except ValueError:
-                pass
+                raise ValueError(f"unknown stopping rule {text!r}") from None
+            return cls("likely", risk=risk)
         return cls(text)
 
 
@@ -256,7 +259,8 @@ def _modelled(counts: np.ndarray, missing: np.ndarray, rivals: int = 2) -> np.nd
 
 @dataclass(frozen=True)
 class SequentialChoice:
-    """A sequential arm chosen for a tier: its rule and N_max, and its plug-in value."""
+    """A sequential arm chosen for a tier: its rule and N_max, its plug-in value, and the fixed arm's
+    plug-in value on the same counts (their difference is the gain to add to another estimate)."""
 
     rule: StoppingRule
     n_max: int
@@ -264,21 +268,26 @@ class SequentialChoice:
     credit: float
     completions: float
     waves: float
+    fixed_utility: float
 
 
 DEFAULT_TOLERANCE = 1e-5  # utility a learned tier gives up for fewer completions: one answer in 10⁵ requests
-LEARNED_RULES = (StoppingRule("settled"), StoppingRule("likely", risk=0.001), StoppingRule("lead", lead=3),
-                 StoppingRule("lead", lead=4))
+def learned_rules(risk: float = 0.001) -> tuple[StoppingRule, ...]:
+    """The rules training tries for `adaptive: {rule: learned}` (`risk`: the tier's, for `likely`)."""
+    return (StoppingRule("settled"), StoppingRule("likely", risk=risk), StoppingRule("lead", lead=3),
+            StoppingRule("lead", lead=4))
 
 
 def best_sequential(counts: np.ndarray, missing: np.ndarray, cost: float, weight: float, n: int, n_limit: int,
-                    waves: Waves, rules=LEARNED_RULES, tolerance: float = 0.0) -> SequentialChoice | None:
+                    waves: Waves, rules: tuple[StoppingRule, ...] | None = None,
+                    tolerance: float = 0.0) -> SequentialChoice | None:
     """The sequential arm of one prompt a tier should serve instead of its fixed arm (n), or None.
 
     counts: (rows, K) answer counts of the prompt's queries, gold in column 0, and missing: (rows,) draws
     without an answer (the engine's pooled counts: their plug-in distributions value every arm).
-    Candidates: the rules that look at N_max (`settled`, `likely`) at n and at n_limit, the lead rules
-    at every N_max ≤ n_limit. Utility is credit − weight · cost · completions, for the candidates and
+    Candidates (`rules`, default `learned_rules()`): the rules that look at N_max (`settled`,
+    `likely`) at n and at n_limit, the lead rules at every N_max ≤ n_limit; an arm that can never
+    stop before its N_max is a fixed arm in disguise and is left out (N is the engine's choice). Utility is credit − weight · cost · completions, for the candidates and
     for the fixed arm alike, on the same plug-in distributions (the engine's own estimate of the fixed
     arm may be modelled otherwise, e.g. shrunk, and is not comparable). The candidates within
     `tolerance` of the best utility and of the fixed arm's qualify, and the one with the fewest
@@ -290,13 +299,14 @@ def best_sequential(counts: np.ndarray, missing: np.ndarray, cost: float, weight
         return None
     gold = np.zeros(len(probs), dtype=int)
     candidates = []
-    for rule in rules:
+    for rule in rules or learned_rules():
         if rule.kind in ("settled", "likely"):
             caps = {cap: sequential_mv(probs, gold, cap, waves, rule, abstain=True)
                     for cap in sorted({min(n, n_limit), n_limit})}
         else:
             caps = sequential_mv_caps(probs, gold, range(1, n_limit + 1), waves, rule, abstain=True)
-        candidates += [(rule, cap, value) for cap, value in caps.items() if cap >= 2]  # N_max 1 is a fixed arm
+        candidates += [(rule, cap, value) for cap, value in caps.items()
+                       if cap >= 2 and value.completions.mean() < cap - 1e-9]  # it stops early on some path
     if not candidates:
         return None
     utility = np.array([v.credit.mean() - weight * cost * v.completions.mean() for _, _, v in candidates])
@@ -309,7 +319,7 @@ def best_sequential(counts: np.ndarray, missing: np.ndarray, cost: float, weight
     i = int(good[np.argmin([candidates[j][2].completions.mean() for j in good])])
     rule, cap, value = candidates[i]
     return SequentialChoice(rule, int(cap), float(utility[i]), float(value.credit.mean()),
-                            float(value.completions.mean()), float(value.waves.mean()))
+                            float(value.completions.mean()), float(value.waves.mean()), float(fixed_utility))
 
 
 def sequential_bon(values: np.ndarray, probs: np.ndarray, n_max: int, waves: Waves,

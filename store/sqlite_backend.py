@@ -179,7 +179,7 @@ def _v9_request_waves(db: sqlite_utils.Database) -> None:
 
 
 def _v10_policy_stop(db: sqlite_utils.Database) -> None:
-    """policies.stop: a learned sequential arm's stopping rule (settled, lead<d>); NULL for a fixed arm."""
+    """policies.stop: a learned sequential arm's stopping rule (settled, likely<ε>, lead<d>); NULL for a fixed arm."""
     if "stop" not in db["policies"].columns_dict:
         db["policies"].add_column("stop", str)
 

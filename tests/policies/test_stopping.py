@@ -4,8 +4,8 @@ import pytest
 
 from policies.environments import mv_vote_credit
 from policies.pooled import plugin_vote_credit
-from policies.stopping import (StoppingRule, Waves, best_sequential, brute_force_mv, overturn_chance, sequential_mv,
-                               sequential_mv_caps, settled)
+from policies.stopping import (StoppingRule, Waves, best_sequential, brute_force_mv, learned_rules, overturn_chance,
+                               sequential_mv, sequential_mv_caps, settled)
 
 RULES = [StoppingRule("never"), StoppingRule("settled"), StoppingRule("likely", risk=0.05), StoppingRule("likely", risk=0.3),
          StoppingRule("lead", lead=1), StoppingRule("lead", lead=2)]
@@ -114,7 +114,6 @@ def test_overturn_chance_is_the_beta_binomial_tail_integrated_over_the_runner_up
     """The table against a direct numerical integral: q ~ Beta(second + 1, top + 1) on a fine grid, and
     the binomial chance that the runner-up ends level (half) or ahead after r more draws."""
     from math import comb
-    table = overturn_chance(12)
     q = (np.arange(200_000) + 0.5) / 200_000
     for top, second, left in [(3, 1, 4), (5, 2, 7), (2, 2, 3), (6, 0, 6), (4, 3, 1), (1, 0, 12), (7, 1, 0)]:
         density = q ** second * (1 - q) ** top
@@ -124,7 +123,10 @@ def test_overturn_chance_is_the_beta_binomial_tail_integrated_over_the_runner_up
             margin = (second + j) - (top + left - j)
             if margin >= 0:
                 direct += (0.5 if margin == 0 else 1.0) * comb(left, j) * np.sum(density * q ** j * (1 - q) ** (left - j))
-        assert table[top, second, left] == pytest.approx(direct, abs=1e-6), (top, second, left)
+        assert overturn_chance(top, second, left) == pytest.approx(direct, abs=1e-6), (top, second, left)
+    states = np.array([[3, 1], [5, 2], [2, 2]])  # vectorised over states, as the exact walk calls it
+    np.testing.assert_allclose(overturn_chance(states[:, 0], states[:, 1], 4),
+                               [overturn_chance(t, s, 4) for t, s in states], atol=1e-15)
 
 
 def test_likely_sits_between_settled_and_never_stopping_early():
@@ -157,6 +159,15 @@ def test_a_tolerance_lets_a_free_tier_take_a_rule_that_almost_never_changes_the_
     assert exact.rule == StoppingRule("settled")
     assert loose.completions < exact.completions
     assert loose.credit >= exact.credit - 1e-4 - 1e-9
+    custom = best_sequential(counts, none, cost=0.01, weight=0.0, n=32, n_limit=32, waves=Waves(1, 1),
+                             rules=learned_rules(risk=0.01), tolerance=1e-4)
+    assert custom.rule in (StoppingRule("likely", risk=0.01), StoppingRule("settled"))
+    for weight in (0.0, 0.5, 5.0):  # a chosen arm always stops early on some path: never a fixed arm in disguise
+        choice = best_sequential(counts, none, cost=0.01, weight=weight, n=8, n_limit=32, waves=Waves(2, 2))
+        assert choice is None or choice.completions < choice.n_max
+    assert StoppingRule.parse(str(StoppingRule("likely", risk=1.2345678e-3))).risk == 1.2345678e-3
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        StoppingRule.parse("likely0")
 
 
 @pytest.mark.parametrize("waves", [Waves(1, 1), Waves(2, 2), Waves(3, 1), Waves(1, 2, max_waves=2), Waves(5, 1)], ids=str)
