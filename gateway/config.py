@@ -194,10 +194,11 @@ class Adaptive(Strict):
     the answer is below `risk`; `lead` stops when the leader is `lead` votes ahead (cheaper, and may
     cost accuracy); `learned`: `iapo train` chooses the rule and N_max per tier, or a fixed arm, by the
     tier's utility, taking the fewest completions among arms within `tolerance` of the best utility.
+    `never` draws majority-vote routes at once (for a tier that wants waves on best-of-N only).
     Best-of-N routes draw in the same waves when `threshold` is set, scoring each wave as it arrives,
     and stop once a completion's weighted score (the tier's weights) reaches it; without it, all N."""
 
-    rule: Literal["settled", "likely", "lead", "learned"] = "settled"
+    rule: Literal["settled", "likely", "lead", "learned", "never"] = "settled"
     lead: int = Field(3, ge=1)
     risk: float = Field(0.001, gt=0, lt=1)
     tolerance: float = Field(DEFAULT_TOLERANCE, ge=0, le=0.1)
@@ -213,7 +214,7 @@ class Adaptive(Strict):
     @property
     def stopping_rule(self) -> StoppingRule | None:
         """The configured rule; None for `learned` (the policy's arm carries it)."""
-        if self.rule == "learned":
+        if self.rule in ("learned", "never"):
             return None
         if self.rule == "likely":
             return StoppingRule("likely", risk=self.risk)
@@ -229,7 +230,7 @@ class Tier(Strict):
     caps: dict[Window, CapLimit] = Field(default_factory=dict)  # for the whole tier
     key_caps: dict[Window, CapLimit] = Field(default_factory=dict)  # for each API key of the tier
     on_exhausted: Literal["reject", "degrade"] = "reject"
-    adaptive: Adaptive | None = None  # draw in waves and stop early on majority-vote routes
+    adaptive: Adaptive | None = None  # draw in waves and stop early (majority vote; best-of-N with a threshold)
     # which models (routes and upstreams, fnmatch patterns) callers of this tier may name
     models: list[str] = Field(default_factory=lambda: ["*"])
 
@@ -295,7 +296,8 @@ class TrainConfig(Strict):
     screening_k: int | None = Field(None, ge=1)
     screening_fraction: float = Field(0.2, gt=0, lt=1)
     estimator: Literal["pooled", "subset", "block"] = "pooled"  # PSST's estimates (README: PSST as implemented)
-    pull_size: int | None = Field(None, ge=1)  # completions per pull with the pooled estimator (default 8)
+    # completions per pull with the pooled estimator (default: 4 for shrunk vote curves, else 8)
+    pull_size: int | None = Field(None, ge=1)
     reuse_served: bool = True
     seed: int = 0
     # send each exploration pull a `seed` derived from train.seed and its position in the run, so where a

@@ -333,10 +333,12 @@ class Pipeline:
             part = await plan.upstream.draw(body, int(end) - drawn)
             draw.extend(part)
             drawn = int(end)
+            if relay is not None and relay.client_gone:
+                break  # nobody is waiting: do not pay judges for this wave
             scores = await scored.add(rt, plan.route, plan.body["messages"], part.completions)
             if scores is None or reached(scores @ weights, drawn, plan.n, threshold):
                 break
-            if all(c.error for c in part.completions) or (relay is not None and relay.client_gone):
+            if all(c.error for c in part.completions):
                 break
         return scored
 
@@ -600,8 +602,14 @@ def sequential_plan(plan: Plan, tier) -> tuple[Waves, StoppingRule | float] | No
         return None
     if plan.route.aggregator == "bon":
         return (adaptive.waves, adaptive.threshold) if adaptive.threshold is not None else None
-    rule = StoppingRule.parse(plan.arm.stop) if plan.arm is not None and plan.arm.stop else adaptive.stopping_rule
-    return (adaptive.waves, rule) if rule is not None else None  # `learned` with a fixed arm: all N at once
+    rule = adaptive.stopping_rule
+    if plan.arm is not None and plan.arm.stop:
+        try:
+            rule = StoppingRule.parse(plan.arm.stop)
+        except ValueError:  # a policy from a newer version: serve it as the tier's config says
+            log.warning("unknown stopping rule %r in the policy for %s; using the tier's", plan.arm.stop,
+                        plan.route.model)
+    return (adaptive.waves, rule) if rule is not None else None  # `learned` with a fixed arm, `never`: all N at once
 
 
 def _limit_if_bounded(endpoint: str, body: dict, tier, rt: Runtime, key_caps: dict | None) -> str | None:

@@ -17,6 +17,16 @@ from gateway.worst_case import Bound
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
+async def all_settled(calls) -> list:
+    """Await every call, then raise the first failure: a paid call (a judge's) still running beside
+    a failed one is waited for, so what it cost is booked before the request settles."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        raise failed
+    return results
+
+
 class ObjectiveScorer(Protocol):
     """Scores every completion of one request for one objective (raw scale)."""
 
@@ -125,7 +135,7 @@ class JudgeScorer:
 
     async def score(self, messages, texts, spend: ScoringSpend | None = None):
         question = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
-        return np.array(await asyncio.gather(*(self._rate(str(question), t, spend) for t in texts)))
+        return np.array(await all_settled([self._rate(str(question), t, spend) for t in texts]))
 
     def worst_case(self, request_tokens: int) -> float:
         """Bound on one judge call's dollars: the question and the answer (within the request's bound),
@@ -184,7 +194,7 @@ class RouteScorer:
         for k, s in enumerate(self.scorers):
             if isinstance(s, HttpRewardScorer):
                 by_url.setdefault(s.url, []).append(k)
-        fetched = await asyncio.gather(*(self.scorers[ks[0]].fetch(messages, texts, outputs) for ks in by_url.values()))
+        fetched = await all_settled([self.scorers[ks[0]].fetch(messages, texts, outputs) for ks in by_url.values()])
         for ks, payload in zip(by_url.values(), fetched):
             for k in ks:
                 columns[k] = np.array([float(p[self.scorers[k].field]) for p in payload])
@@ -192,7 +202,7 @@ class RouteScorer:
         calls = [self.scorers[k].score(messages, texts, outputs) if isinstance(self.scorers[k], JsonValidScorer)
                  else self.scorers[k].score(messages, texts, spend) if isinstance(self.scorers[k], JudgeScorer)
                  else self.scorers[k].score(messages, texts) for k in rest]
-        for k, col in zip(rest, await asyncio.gather(*calls)):
+        for k, col in zip(rest, await all_settled(calls)):
             columns[k] = col
         raw = np.stack(columns, axis=1)
         low = np.array([o.low for o in self.objectives])

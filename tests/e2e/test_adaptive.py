@@ -11,7 +11,7 @@ from tests.e2e.test_front_door import upstream_cfg
 from tests.support import metric_value, metrics_snapshot
 
 KEYS = {"fixed": "key-fixed", "settled": "key-settled", "lead": "key-lead", "short": "key-short", "likely": "key-likely",
-        "scored": "key-scored"}
+        "scored": "key-scored", "bon-only": "key-bon-only"}
 ASK = [{"role": "user", "content": "What is 3 + 4?"}]
 
 
@@ -32,6 +32,7 @@ def gw(start_gateway, scripted):
                   {"name": "lead", "adaptive": {"rule": "lead", "lead": 2, "first_wave": 2, "wave": 2}},
                   {"name": "likely", "adaptive": {"rule": "likely", "risk": 0.01, "first_wave": 2, "wave": 2}},
                   {"name": "scored", "adaptive": {"threshold": 0.9, "first_wave": 2, "wave": 2}},
+                  {"name": "bon-only", "adaptive": {"rule": "never", "threshold": 0.9, "first_wave": 2, "wave": 2}},
                   {"name": "short", "adaptive": {"rule": "settled", "first_wave": 2, "wave": 2, "max_waves": 2}}],
         "default_tier": "fixed",
         "api_keys": [{"hash": hash_key(key), "tier": tier} for tier, key in KEYS.items()],
@@ -105,6 +106,15 @@ def test_best_of_n_below_the_threshold_draws_every_wave_and_keeps_the_best(gw, s
     scripted.records.clear()
     body, _ = ask(gw, "settled", "best")  # no threshold on the tier: best-of-N draws all N at once
     assert drawn(scripted) == [8] and "waves" not in body["iapo"]
+
+
+def test_rule_never_keeps_waves_for_best_of_n_only(gw, scripted):
+    scripted.script.update({"contents": ["not json", '{"x": 1}']})
+    body, _ = ask(gw, "bon-only", "best")
+    assert drawn(scripted) == [2] and body["iapo"]["waves"] == 1
+    scripted.records.clear()
+    body, headers = ask(gw, "bon-only", "vote")  # majority vote on the same tier: all N at once
+    assert drawn(scripted) == [8] and "waves" not in body["iapo"] and "x-iapo-waves" not in headers
 
 
 def test_max_waves_draws_the_rest_in_the_last_wave(gw, scripted):

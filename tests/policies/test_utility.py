@@ -86,6 +86,13 @@ def test_best_of_n_uses_weights():
     assert best_of_n(scores, np.array([0.2, 0.8]), rng) == 1
 
 
+def test_best_of_n_ranks_a_nan_score_below_every_number():
+    rng = np.random.default_rng(0)
+    scores = np.array([[0.5], [np.nan], [0.2]])  # a reward model answered NaN for the second
+    assert all(best_of_n(scores, np.array([1.0]), rng) == 0 for _ in range(5))
+    assert best_of_n(np.full((3, 1), np.nan), np.array([1.0]), rng) in (0, 1, 2)
+
+
 @pytest.mark.parametrize("n, kwargs, expected", [
     (32, dict(route_n_max=32, tier_max_n=8, max_cost_per_request=None, worst_cost_per_completion=0.01), 8),
     (32, dict(route_n_max=16, tier_max_n=None, max_cost_per_request=None, worst_cost_per_completion=0.01), 16),
