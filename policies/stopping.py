@@ -15,8 +15,9 @@ Rules, checked at a wave's end with m draws made and r = N_max − m left:
   runner-up's share of the two leaders' votes is given a Beta(runner-up + 1, leader + 1) posterior
   (uniform prior), and every remaining draw is assumed to go to one of the two (the worst case for
   the leader against the runner-up; rivals level in second place are not added up); the answer
-  changes if the runner-up would finish level or ahead (a level finish counts half). ε → 0 is `settled`; a small ε stops long before `settled` on queries whose votes
-  lean one way, and changes the answer on few paths (the exact walk says how few, and what it costs).
+  changes if the runner-up would finish level or ahead (a level finish counts half). ε → 0 is
+  `settled`; a small ε stops long before `settled` on queries whose votes lean one way, and changes
+  the answer on few paths (the exact walk says how few, and what it costs).
 - `lead(d)`: the leader is at least d votes ahead of the runner-up (d ≥ 1): cheaper still, and may
   cost credit; the engine values that trade exactly.
 - `never`: the fixed arm (one wave of N_max), for comparison on the same code path.
@@ -287,8 +288,9 @@ def best_sequential(counts: np.ndarray, missing: np.ndarray, cost: float, weight
     without an answer (the engine's pooled counts: their plug-in distributions value every arm).
     Candidates (`rules`, default `learned_rules()`): the rules that look at N_max (`settled`,
     `likely`) at n and at n_limit, the lead rules at every N_max ≤ n_limit; an arm that can never
-    stop before its N_max is a fixed arm in disguise and is left out (N is the engine's choice). Utility is credit − weight · cost · completions, for the candidates and
-    for the fixed arm alike, on the same plug-in distributions (the engine's own estimate of the fixed
+    stop before its N_max is a fixed arm in disguise and is left out (N is the engine's choice).
+    Utility is credit − weight · cost · completions, for the candidates and for the fixed arm alike,
+    on the same plug-in distributions (the engine's own estimate of the fixed
     arm may be modelled otherwise, e.g. shrunk, and is not comparable). The candidates within
     `tolerance` of the best utility and of the fixed arm's qualify, and the one with the fewest
     completions wins (`settled` at n ties the fixed arm at weight 0; a tolerance lets a `likely` arm
