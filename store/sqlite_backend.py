@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+import time
 from typing import Callable, Iterator
 
 import sqlite_utils
@@ -210,6 +211,24 @@ def migrate(db: sqlite_utils.Database) -> int:
     return max(version, LATEST_VERSION)
 
 
+def _set_up(conn: sqlite3.Connection, busy_timeout: float) -> None:
+    """WAL, synchronous=NORMAL, foreign keys. Switching a new file to WAL takes an exclusive lock, and
+    SQLite answers "database is locked" at once, without waiting on the busy timeout, when another
+    connection opening the same new file holds a lock: retry with backoff until the timeout."""
+    deadline, pause = time.monotonic() + busy_timeout, 0.002
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
+
 class SQLiteDatabase(SharedOperations):
     """One connection to a SQLite file (WAL, synchronous=NORMAL, foreign keys on)."""
 
@@ -223,9 +242,7 @@ class SQLiteDatabase(SharedOperations):
         try:
             # autocommit: a statement outside `transaction()` commits at once (no implicit BEGIN left open)
             self.conn = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False, isolation_level=None)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
-            self.conn.execute("PRAGMA foreign_keys=ON")
+            _set_up(self.conn, busy_timeout)
         except sqlite3.Error as exc:
             raise _mapped(exc) from exc
         self.utils = sqlite_utils.Database(self.conn)
