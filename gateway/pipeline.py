@@ -209,12 +209,10 @@ class Pipeline:
             return
         svc = self.service
         scoring = rt.scorers[plan.route.model].timeout if plan.route is not None and plan.route.model in rt.scorers else 0
-        sequential = sequential_plan(plan, caller.tier)
-        calls = len(sequential[0].ends(plan.n)) if sequential else 1  # an adaptive request calls once per wave
-        expires = (time.time() + (plan.upstream.deadline_s + scoring) * calls  # best-of-N waves score each wave
-                   + rt.settings.store.reservation_grace_seconds)
         degrade = plan.route is not None and caller.tier.on_exhausted == "degrade"
         fallbacks = self._fallbacks(rt, call, ticket) if degrade else []
+        holding = max(_holding_s(p, caller.tier, scoring) for p in [plan, *fallbacks])  # whichever is booked
+        expires = time.time() + holding + rt.settings.store.reservation_grace_seconds
         where = dict(owner=svc.instance_id, expires_at=expires, reservation_id=ticket.record.id)
         try:
             if fallbacks:
@@ -610,6 +608,13 @@ def sequential_plan(plan: Plan, tier) -> tuple[Waves, StoppingRule | float] | No
             log.warning("unknown stopping rule %r in the policy for %s; using the tier's", plan.arm.stop,
                         plan.route.model)
     return (adaptive.waves, rule) if rule is not None else None  # `learned` with a fixed arm, `never`: all N at once
+
+
+def _holding_s(plan: Plan, tier, scoring_s: float) -> float:
+    """The longest a plan can hold its reservation: its upstream's deadline and the scoring time, once
+    per wave on an adaptive tier (each wave calls, and on best-of-N scores, again)."""
+    sequential = sequential_plan(plan, tier)
+    return (plan.upstream.deadline_s + scoring_s) * (len(sequential[0].ends(plan.n)) if sequential else 1)
 
 
 def _limit_if_bounded(endpoint: str, body: dict, tier, rt: Runtime, key_caps: dict | None) -> str | None:

@@ -177,7 +177,10 @@ class RouteScorer:
 
     @property
     def timeout(self) -> float:
-        return max((o.scorer.timeout for o in self.objectives), default=0.0)
+        """The longest one scoring can take: an HTTP scorer's timeout, or a judge upstream's whole
+        deadline (waiting for a slot, the call, its fallback's)."""
+        return max((s.upstream.deadline_s if isinstance(s, JudgeScorer) else o.scorer.timeout
+                    for o, s in zip(self.objectives, self.scorers)), default=0.0)
 
     def worst_case(self, body: dict, request_tokens: int) -> float:
         """Bound on the dollars of scoring one completion of a request bounded by `request_tokens`."""
