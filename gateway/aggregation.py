@@ -80,13 +80,12 @@ async def choose(rt: Runtime, route: Route, tier: Tier, messages: list[dict], co
     if scored is None:
         scored = WaveScores(scorer.names)
         await scored.add(rt, route, messages, completions)
-    if scored.error is not None or len(scored.scores) != n:
+    scores = scored.scores
+    if scored.error is not None or len(scores) != n:
         error = scored.error or "scores are missing for some completions"
         log.warning("scoring failed on route %s: %s", route.model, error)
         return Choice(ok[0], [None] * n, None, {"scoring_error": error}, {}, scoring_failed=True,
                       scoring=scored.spend)
-    scores, spend = scored.scores, scored.spend
-    ok_scores = scores[ok]
-    chosen = ok[best_of_n(ok_scores, rt.weights(route, tier), rng)]
+    chosen = ok[best_of_n(scores[ok], rt.weights(route, tier), rng)]
     quality = {name: float(scores[chosen, k]) for k, name in enumerate(scorer.names)}
-    return Choice(chosen, [None] * n, scores, {}, quality, scoring=spend)
+    return Choice(chosen, [None] * n, scores, {}, quality, scoring=scored.spend)

@@ -300,9 +300,34 @@ class Pipeline:
             return None
         waves, rule = sequential
         if plan.route.aggregator == "bon":
-            return await self._draw_scored(rt, plan, tier, record, draw, relay, waves, rule)
+            scored = WaveScores(rt.scorers[plan.route.model].names)
+            weights = np.asarray(rt.weights(plan.route, tier), dtype=float)
+
+            async def judge(completions: list[Completion], drawn: int) -> bool:
+                if relay is not None and relay.client_gone:
+                    return True  # nobody is waiting: do not pay judges for this wave
+                scores = await scored.add(rt, plan.route, plan.body["messages"], completions)
+                return scores is None or reached(scores @ weights, drawn, plan.n, rule)
+
+            await self._in_waves(plan, record, draw, relay, waves, judge)
+            return scored
         extract = rt.extractors[plan.route.model]
-        answers, drawn = [], 0
+        answers: list = []
+
+        async def vote(completions: list[Completion], drawn: int) -> bool:
+            answers.extend(answer_of(c.message, extract) if not c.error else None for c in completions)
+            return settled(answers, drawn, plan.n, rule)
+
+        await self._in_waves(plan, record, draw, relay, waves, vote)
+        return answers
+
+    @staticmethod
+    async def _in_waves(plan: Plan, record: RequestRecord, draw: Draw, relay: Relay | None, waves: Waves,
+                        judge) -> None:
+        """Draw the plan's N wave by wave into `draw`; after each wave `judge(completions, drawn)` says
+        whether the request is done. A wave that fails entirely, or a client that has gone, ends it too:
+        do not pay for more waves."""
+        drawn = 0
         for record.waves, end in enumerate(waves.ends(plan.n), 1):
             body = plan.body
             if drawn and isinstance(body.get("seed"), int):  # a seeded provider would repeat wave 1's answers
@@ -310,35 +335,9 @@ class Pipeline:
             part = await plan.upstream.draw(body, int(end) - drawn)
             draw.extend(part)
             drawn = int(end)
-            answers += [answer_of(c.message, extract) if not c.error else None for c in part.completions]
-            if settled(answers, drawn, plan.n, rule):
+            if await judge(part.completions, drawn) or all(c.error for c in part.completions) \
+                    or (relay is not None and relay.client_gone):
                 break
-            if all(c.error for c in part.completions) or (relay is not None and relay.client_gone):
-                break  # a failing upstream, or nobody waiting: do not pay for more waves
-        return answers
-
-    async def _draw_scored(self, rt: Runtime, plan: Plan, tier, record: RequestRecord, draw: Draw,
-                           relay: Relay | None, waves: Waves, threshold: float) -> WaveScores:
-        """Best-of-N in waves: score each wave as it arrives; stop once a weighted score reaches the
-        threshold, a scorer fails, a wave fails entirely, or the client is gone."""
-        scored = WaveScores(rt.scorers[plan.route.model].names)
-        weights = np.asarray(rt.weights(plan.route, tier), dtype=float)
-        drawn = 0
-        for record.waves, end in enumerate(waves.ends(plan.n), 1):
-            body = plan.body
-            if drawn and isinstance(body.get("seed"), int):
-                body = {**body, "seed": body["seed"] + drawn}
-            part = await plan.upstream.draw(body, int(end) - drawn)
-            draw.extend(part)
-            drawn = int(end)
-            if relay is not None and relay.client_gone:
-                break  # nobody is waiting: do not pay judges for this wave
-            scores = await scored.add(rt, plan.route, plan.body["messages"], part.completions)
-            if scores is None or reached(scores @ weights, drawn, plan.n, threshold):
-                break
-            if all(c.error for c in part.completions):
-                break
-        return scored
 
     def _price_unknown(self, completions: list[Completion], plan: Plan) -> list[Completion]:
         """Completions the provider may have billed without saying how much (no usage, or a timeout after

@@ -75,8 +75,6 @@ def best_of_n(scores: np.ndarray, weights: np.ndarray, rng: np.random.Generator)
     """Index of the completion with the highest weighted score (scores (n, K)); ties at random. A NaN
     score (a reward model's) ranks below every number."""
     total = np.nan_to_num(np.asarray(scores, dtype=float) @ np.asarray(weights, dtype=float), nan=-np.inf)
-    if np.all(np.isneginf(total)):
-        return int(rng.integers(len(total)))
     best = np.flatnonzero(total >= total.max() - 1e-12)
     return int(best[rng.integers(len(best))]) if len(best) > 1 else int(best[0])
 

@@ -273,6 +273,8 @@ class SequentialChoice:
 
 
 DEFAULT_TOLERANCE = 1e-5  # utility a learned tier gives up for fewer completions: one answer in 10⁵ requests
+
+
 def learned_rules(risk: float = 0.001) -> tuple[StoppingRule, ...]:
     """The rules training tries for `adaptive: {rule: learned}` (`risk`: the tier's, for `likely`)."""
     return (StoppingRule("settled"), StoppingRule("likely", risk=risk), StoppingRule("lead", lead=3),
