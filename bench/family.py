@@ -101,10 +101,10 @@ class Unpaired:
 
 
 ALGORITHMS = {
-    "PSST": PSST,  # the default: pooled curves shrunk by a soft prior, pulls of 4 (larger once queries run out)
+    "PSST": PSST,  # the default: pooled curves shrunk by a soft prior tilted per query, pulls of 4 (more once queries run out)
     "PSST-paper (blocks; unpaired)": Unpaired(PSST, estimator="block"),
 }
-ABLATIONS = {"PSST, plug-in curves (before)": functools.partial(PSST, shrink=False)}  # at ABLATION_BUDGET
+ABLATIONS = {"PSST, untilted prior (before)": functools.partial(PSST, query_tilt=False)}  # at ABLATION_BUDGET
 ABLATION_BUDGET = 5000
 PAPER = "PSST-paper (blocks; unpaired)"
 
@@ -148,7 +148,7 @@ def family_markdown(report: dict) -> str:
     budgets, cells = report["budgets"], report["cells"]
     ablation = next(iter(ABLATIONS))
     head = ["member", "kind"] + [f"PSST T={b // 1000}K" for b in budgets] + [f"paper T={b // 1000}K" for b in budgets]
-    head += ["PSST − paper, 5K", "plug-in curves (before), 5K"]
+    head += ["PSST − paper, 5K", "untilted prior (before), 5K"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda c: f"{c['regret']:.4f} ± {c['regret_se']:.4f}" if c else ""
     for m, by in cells.items():

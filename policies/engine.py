@@ -74,7 +74,7 @@ class Engine:
     def __init__(self, prompts: Sequence[str], n_max: int, contexts: dict[str, Context], budget: int,
                  aggregator: str = "mv", seed: int = 0, estimator: str = "subset", permutations: int = 8,
                  n_queries: int | None = None, feasible: Mapping[str, Mapping[str, int]] | None = None,
-                 shrink: bool | str = False) -> None:
+                 shrink: bool | str = False, query_tilt: bool = True) -> None:
         if aggregator not in ("mv", "bon"):
             raise ValueError("aggregator must be 'mv' or 'bon'")
         if not prompts or n_max < 1 or budget < 0 or not contexts:
@@ -95,7 +95,8 @@ class Engine:
         self.finished = False
         self.estimator = estimator
         if estimator == "pooled":
-            self.estimates = PooledEstimates(self.weights, self.cost_weights, len(self.prompts), n_max, shrink=shrink)
+            self.estimates = PooledEstimates(self.weights, self.cost_weights, len(self.prompts), n_max, shrink=shrink,
+                                             query_tilt=query_tilt)
         else:
             self.estimates = ArmEstimates(self.weights, self.cost_weights, len(self.prompts), n_max, mode=estimator,
                                           permutations=permutations, rng=self.rng)

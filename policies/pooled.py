@@ -83,13 +83,15 @@ class PooledEstimates:
     """
 
     def __init__(self, weights: np.ndarray, cost_weights: np.ndarray, n_prompts: int, n_max: int,
-                 shrink: bool | str = False) -> None:
+                 shrink: bool | str = False, query_tilt: bool = True) -> None:
         self.weights = np.asarray(weights, dtype=float)
         self.cost_weights = np.asarray(cost_weights, dtype=float)
         self.n_prompts, self.n_max = n_prompts, n_max
         C = len(self.cost_weights)
         self.rows: dict[tuple[int, object], int] = {}
         self.row_prompt = np.zeros(0, dtype=int)
+        self.queries: dict[object, int] = {}  # query key → index (a pull without a key is a query of its own)
+        self.row_query = np.zeros(0, dtype=int)
         self.curves = np.zeros((C, 0, n_max))  # quality per context, row, n
         self.sums = np.zeros((C, n_prompts, n_max))  # Σ over a prompt's rows of curves, and of squares
         self.squares = np.zeros((C, n_prompts, n_max))
@@ -109,10 +111,11 @@ class PooledEstimates:
             raise ValueError(f"shrink must be False, True or 'soft', got {shrink!r}")
         self.shrinkage = Shrinkage(n_prompts, n_max, soft=shrink == "soft") if shrink else None
         self.n_classes = 0  # MV answer classes seen (integer labels), for the shrinkage atoms
+        self.query_tilt = query_tilt  # shrunk rows' priors tilted by the other prompts' answers on their query
 
     # -- rows -------------------------------------------------------------------------------
     def _row_ids(self, prompt: int, keys: list) -> np.ndarray:
-        ids = []
+        ids, new_queries = [], []
         for key in keys:
             if key is None:
                 key = ("anonymous", self._anonymous)
@@ -120,10 +123,12 @@ class PooledEstimates:
             row = self.rows.get((prompt, key))
             if row is None:
                 row = self.rows[(prompt, key)] = len(self.rows)
+                new_queries.append(self.queries.setdefault(key, len(self.queries)))
             ids.append(row)
         grow = len(self.rows) - len(self.row_prompt)
         if grow:
             self.row_prompt = np.concatenate([self.row_prompt, np.full(grow, prompt)])
+            self.row_query = np.concatenate([self.row_query, np.array(new_queries, dtype=int)])
             self.curves = np.concatenate([self.curves, np.zeros((self.curves.shape[0], grow, self.n_max))], axis=1)
             self.counts = np.concatenate([self.counts, np.zeros((grow, self.counts.shape[1]), dtype=np.int64)])
             self.missing = np.concatenate([self.missing, np.zeros(grow, dtype=np.int64)])
@@ -187,16 +192,28 @@ class PooledEstimates:
             return
         touched = np.unique(np.concatenate(self._dirty))
         self._dirty = []
-        if self.shrinkage is not None:  # a prompt's prior moves with any of its rows: redo all its rows
-            touched = np.flatnonzero(np.isin(self.row_prompt, self.row_prompt[touched]))
+        if self.shrinkage is not None:
+            # a prompt's prior moves with any of its rows: redo all its rows; and with the query tilt a row's
+            # prior moves with any row on its query: redo all rows
+            touched = (np.arange(len(self.row_prompt)) if self.query_tilt else
+                       np.flatnonzero(np.isin(self.row_prompt, self.row_prompt[touched])))
             counts = self.counts[touched]
+            others = self._others()[touched] if self.query_tilt else None
             # integer labels: classes seen; text answers: the widest row (gold + its distinct wrong answers)
             classes = self.n_classes or counts.shape[1]
-            quality = thin(self.shrinkage.curves(self.row_prompt[touched], counts, classes), counts,
+            quality = thin(self.shrinkage.curves(self.row_prompt[touched], counts, classes, others), counts,
                            self.missing[touched].astype(float))
         else:
             quality = self._vote_curves(self.counts[touched], self.missing[touched])
         self._set_curves(touched, self.weights[:, :1, None] * quality[None])
+
+    def _others(self) -> np.ndarray:
+        """(R, 2) per MV row the other prompts' gold and non-gold answer counts on its query."""
+        gold = self.counts[:, 0].astype(float)
+        wrong = self.counts[:, 1:].sum(axis=1).astype(float)
+        size = len(self.queries)
+        on_query = np.stack([np.bincount(self.row_query, gold, size), np.bincount(self.row_query, wrong, size)], axis=1)
+        return on_query[self.row_query] - np.stack([gold, wrong], axis=1)
 
     def _vote_curves(self, counts: np.ndarray, missing: np.ndarray) -> np.ndarray:
         """Plug-in credit curves, computed once per distinct (gold, sorted others, missing) signature."""

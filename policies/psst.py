@@ -36,12 +36,12 @@ class PSST(Engine):
     Default (ours): pooled estimates (`policies.pooled`) whose MV vote curves are shrunk toward each
     prompt's fitted prior (`policies.shrinkage`; `shrink="soft"`, the default, averages the priors over
     the shrinkage strengths κ weighted by held-out likelihood; `True` picks one κ per prompt; `False`
-    is the plug-in curve of each row's own counts), every active prompt pulled at one size per round
-    on fresh, shared queries — `min_pull` (4 with shrunk vote curves, 8 with plug-in ones and for
-    best-of-N), larger only
-    when the round would otherwise revisit queries; `pull_size` fixes it — and ⌈log2 P⌉ rounds that
-    halve each context's prompts
-    (keeping all their N): one curve per (prompt, query) values every N, so small pulls on many
+    is the plug-in curve of each row's own counts; with shrinkage, each row's prior is also tilted by
+    the other prompts' answers on its query unless `query_tilt=False`), every active prompt pulled at
+    one size per round on fresh, shared queries — `min_pull` (4 with shrunk vote curves, 8 with
+    plug-in ones and for best-of-N), larger only when the round would otherwise revisit queries;
+    `pull_size` fixes it — and ⌈log2 P⌉ rounds that halve each context's prompts (keeping all their
+    N): one curve per (prompt, query) values every N, so small pulls on many
     queries replace the paper's pulls at the largest active N on a few. With `estimator="subset"`
     (or "block", the paper's): pulls at the largest active N and halving of arms over ⌈log2 |A|⌉
     rounds, as published.

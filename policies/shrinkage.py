@@ -15,6 +15,15 @@ task: the grid is fixed, the prior is learned from what each prompt shows.
 
 The likelihood is exact for the atom family with unlabelled wrong answers (which wrong answer is the
 dominant one is summed over), so rows never need class labels beyond "gold" and "not gold".
+
+Queries differ in difficulty more than prompts do (on MATH the query effect on the logit of the gold
+rate has variance 4.4, the prompt effect 1.8), so what the other prompts answered on a query says
+much about how this prompt fares on it. Given those answers (`others`: their gold and non-gold
+counts), a row's prior is its prompt's prior tilted by a tempered likelihood of them,
+(g̃^a (1 − g̃)^b)^γ with g̃ = (1 − η) g + η/2: γ is what one of their draws is worth as one of this
+prompt's, η how far a prompt may stray from the rest on one query. Each prompt takes the (γ, η) of
+`TILTS` under which its own rows are likeliest (γ = 0, no tilt, is on the grid: a prompt whose
+answers do not follow the others', a deceptive one, keeps its untilted prior).
 """
 from __future__ import annotations
 
@@ -24,7 +33,8 @@ import numpy as np
 
 from policies.environments import mv_vote_credit
 
-__all__ = ["atom_grid", "atom_credit", "atom_loglik", "fit_prior", "Shrinkage", "RESOLUTION", "SPLITS", "MAX_CLASSES"]
+__all__ = ["atom_grid", "atom_credit", "atom_loglik", "fit_prior", "tilted_priors", "Shrinkage", "RESOLUTION",
+           "SPLITS", "MAX_CLASSES", "TILTS"]
 
 RESOLUTION = 20  # gold-share grid intervals (Chebyshev points: dense near 0 and 1, where voting gains are small)
 SPLITS = 5  # grid of the dominant wrong answer's share of the wrong mass, from even (1/(L−1)) to all of it
@@ -113,7 +123,34 @@ def fit_prior(lik: np.ndarray, mult: np.ndarray, group: np.ndarray, n_groups: in
     return w
 
 
-KAPPAS = np.array([0.0, 10.0, 30.0, 100.0, np.inf])  # rows' worth of the common prior in a prompt's prior
+KAPPAS = np.array([0.0, 10.0, 30.0, 100.0, np.inf])
+# (γ, η) of the query tilt: γ = 0 is no tilt; η > 0 keeps any gold share possible whatever the others answered
+TILTS = tuple([(0.0, 0.0)] + [(gamma, eta) for eta in (0.02, 0.1, 0.3) for gamma in (0.1, 0.25, 0.5, 1.0)])
+
+
+def tilted_priors(prior: np.ndarray, prompt_of: np.ndarray, lik: np.ndarray, others: np.ndarray, gold_share: np.ndarray,
+                  n_prompts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (R, A) its prompt's prior (prompt_of → `prior` (P, A)) tilted by the other prompts' answers on
+    its query, others (R, 2) = their gold and non-gold counts, with each prompt's (γ, η) from `TILTS` the one
+    that makes its rows' own counts (likelihoods `lik` (R, A)) likeliest. Returns the priors and each
+    prompt's index into `TILTS` (0 = untilted)."""
+    base = prior[prompt_of]
+    best, best_ll = base, np.full(n_prompts, -np.inf)
+    chosen = np.zeros(n_prompts, dtype=int)
+    a, b = (others[:, i:i + 1].astype(float) for i in (0, 1))
+    for i, (gamma, eta) in enumerate(TILTS):
+        if gamma == 0:
+            tilted = base
+        else:
+            share = (1 - eta) * gold_share + eta / 2
+            log_tilt = gamma * (_xlogy(a, share[None, :]) + _xlogy(b, 1 - share[None, :]))
+            tilted = base * np.exp(log_tilt - log_tilt.max(axis=1, keepdims=True))
+        tilted /= np.maximum(tilted.sum(axis=1, keepdims=True), 1e-300)
+        ll = np.bincount(prompt_of, np.log(np.maximum((lik * tilted).sum(axis=1), 1e-300)), n_prompts)
+        better = ll > best_ll
+        best = np.where(better[prompt_of, None], tilted, best)
+        best_ll, chosen = np.where(better, ll, best_ll), np.where(better, i, chosen)
+    return best, chosen  # rows' worth of the common prior in a prompt's prior
 
 
 class Shrinkage:
@@ -137,6 +174,7 @@ class Shrinkage:
         self.fixed_kappa, self.level = kappa, level
         self.kappa = np.full(n_prompts, np.inf if kappa is None else kappa)
         self.n_classes = 0
+        self.tilt = np.zeros(n_prompts, dtype=int)  # per prompt its index into TILTS (0: untilted)
         self._reset(2)
 
     def _reset(self, n_classes: int) -> None:
@@ -197,9 +235,12 @@ class Shrinkage:
         kappa[seen] = KAPPAS[np.argmax(score[:, seen], axis=0)]
         return kappa
 
-    def curves(self, prompt_of: np.ndarray, counts: np.ndarray, n_classes: int) -> np.ndarray:
+    def curves(self, prompt_of: np.ndarray, counts: np.ndarray, n_classes: int, others: np.ndarray | None = None
+               ) -> np.ndarray:
         """Posterior-mean credit curves (R, n_max) for rows of valid-answer counts (R, 1 + W) (gold
-        first), refitting the priors from exactly these rows (all of each given prompt's rows)."""
+        first), refitting the priors from exactly these rows (all of each given prompt's rows); with
+        `others` (R, 2), the other prompts' gold and non-gold counts on each row's query, each row's
+        prior is tilted by them (`tilted_priors`)."""
         if min(max(n_classes, 2), MAX_CLASSES) != self.n_classes:
             self._reset(n_classes)
         row_sig = self._signatures(counts)
@@ -210,7 +251,13 @@ class Shrinkage:
             self.prior = np.einsum("kp,kpa->pa", self.kappa_weights, np.stack(priors))
         else:
             (self.prior,), self.common = self._fit(prompt_of, row_sig, [self.kappa])
-        post = self.lik[row_sig] * self.prior[prompt_of]
+        lik = self.lik[row_sig]
+        if others is not None and np.any(others):
+            gold_share = atom_grid(self.n_classes, self.resolution)[:, 0]
+            row_prior, self.tilt = tilted_priors(self.prior, prompt_of, lik, others, gold_share, self.n_prompts)
+        else:
+            row_prior = self.prior[prompt_of]
+        post = lik * row_prior
         post /= np.maximum(post.sum(axis=1, keepdims=True), 1e-300)
         curves = post @ self.credit
         if self.level:  # each prompt's mean single-draw accuracy as observed (unbiased), the prior's gains on top

@@ -144,3 +144,42 @@ def test_psst_with_shrinkage_runs_on_text_answers_within_budget():
     policy = trainer.policy()
     assert policy["free"][0] == "c" and 1 <= policy["dear"][1] <= policy["free"][1]
     assert np.isfinite(trainer.estimates.mean()[:, 2]).all()
+
+
+def shared_difficulty(rng, queries=300, draws=4):
+    """Five prompts on queries of varied difficulty: four follow it, the last does the opposite."""
+    ease = rng.beta(0.7, 0.5, size=queries)
+    gold_rate = np.stack([np.clip(ease + shift, 0, 1) for shift in (0.03, -0.03, 0.0, -0.06)] + [1 - ease])
+    gold = rng.random((5, queries, draws)) < gold_rate[:, :, None]
+    counts = np.stack([gold.sum(axis=2), draws - gold.sum(axis=2)], axis=2)  # (P, X, 2): gold, one wrong answer
+    return counts
+
+
+def test_prompts_that_follow_the_others_on_each_query_are_tilted_a_contrary_one_is_not():
+    counts = shared_difficulty(np.random.default_rng(6))
+    P, X, _ = counts.shape
+    rows = counts.reshape(P * X, 2)
+    on_query = counts.sum(axis=0)  # (X, 2)
+    others = np.tile(on_query, (P, 1)) - rows
+    shrink = Shrinkage(P, 16)
+    shrink.curves(np.repeat(np.arange(P), X), rows, 2, others)
+    assert (shrink.tilt[:4] > 0).all()  # the others' answers predict theirs
+    assert shrink.tilt[4] == 0  # the contrary prompt keeps its own prior
+    untilted = Shrinkage(P, 16)
+    untilted.curves(np.repeat(np.arange(P), X), rows, 2)
+    assert (untilted.tilt == 0).all()
+
+
+def test_a_rows_curve_moves_with_what_the_other_prompts_answered_on_its_query():
+    counts = shared_difficulty(np.random.default_rng(7))
+    est = PooledEstimates(np.ones((1, 1)), np.zeros(1), 5, 16, shrink="soft")
+    for p in range(5):
+        answers = [np.repeat([0, 1], row) for row in counts[p]]
+        est.add_mv(p, list(range(counts.shape[1])), answers, [0] * counts.shape[1], np.zeros((counts.shape[1], 4)))
+    est.mean()
+    split = np.flatnonzero((counts[0, :, 0] == 2))  # prompt 0 saw 2 of 4 right on these queries
+    others_right = counts[1:4, split, 0].sum(axis=0)  # of 12 draws by the three other followers
+    curve = est.curves[0, est.row_prompt == 0][split, 15]
+    easy, hard = curve[others_right >= 10], curve[others_right <= 2]
+    assert len(easy) and len(hard)
+    assert easy.min() > hard.max()  # same own counts: the query the other prompt aced looks better
