@@ -123,9 +123,10 @@ def fit_prior(lik: np.ndarray, mult: np.ndarray, group: np.ndarray, n_groups: in
     return w
 
 
-KAPPAS = np.array([0.0, 10.0, 30.0, 100.0, np.inf])
+KAPPAS = np.array([0.0, 10.0, 30.0, 100.0, np.inf])  # rows' worth of the common prior in a prompt's prior
 # (γ, η) of the query tilt: γ = 0 is no tilt; η > 0 keeps any gold share possible whatever the others answered
 TILTS = tuple([(0.0, 0.0)] + [(gamma, eta) for eta in (0.02, 0.1, 0.3) for gamma in (0.1, 0.25, 0.5, 1.0)])
+assert all(eta > 0 for gamma, eta in TILTS if gamma > 0)
 
 
 def tilted_priors(prior: np.ndarray, prompt_of: np.ndarray, lik: np.ndarray, others: np.ndarray, gold_share: np.ndarray,
@@ -135,22 +136,26 @@ def tilted_priors(prior: np.ndarray, prompt_of: np.ndarray, lik: np.ndarray, oth
     that makes its rows' own counts (likelihoods `lik` (R, A)) likeliest. Returns the priors and each
     prompt's index into `TILTS` (0 = untilted)."""
     base = prior[prompt_of]
+    base /= np.maximum(base.sum(axis=1, keepdims=True), 1e-300)
     best, best_ll = base, np.full(n_prompts, -np.inf)
     chosen = np.zeros(n_prompts, dtype=int)
     a, b = (others[:, i:i + 1].astype(float) for i in (0, 1))
+    log_others = {}  # per η: log-likelihood (R, A) of the others' counts (η > 0 keeps every share inside (0, 1))
     for i, (gamma, eta) in enumerate(TILTS):
         if gamma == 0:
             tilted = base
         else:
-            share = (1 - eta) * gold_share + eta / 2
-            log_tilt = gamma * (_xlogy(a, share[None, :]) + _xlogy(b, 1 - share[None, :]))
+            if eta not in log_others:
+                share = (1 - eta) * gold_share[None, :] + eta / 2
+                log_others[eta] = a * np.log(share) + b * np.log1p(-share)
+            log_tilt = gamma * log_others[eta]
             tilted = base * np.exp(log_tilt - log_tilt.max(axis=1, keepdims=True))
-        tilted /= np.maximum(tilted.sum(axis=1, keepdims=True), 1e-300)
+            tilted /= np.maximum(tilted.sum(axis=1, keepdims=True), 1e-300)
         ll = np.bincount(prompt_of, np.log(np.maximum((lik * tilted).sum(axis=1), 1e-300)), n_prompts)
         better = ll > best_ll
         best = np.where(better[prompt_of, None], tilted, best)
         best_ll, chosen = np.where(better, ll, best_ll), np.where(better, i, chosen)
-    return best, chosen  # rows' worth of the common prior in a prompt's prior
+    return best, chosen
 
 
 class Shrinkage:
