@@ -34,7 +34,7 @@ from policies.aggregate import answer_of
 from policies.arms import Arm, RankedArm
 from policies.budget import clamp_n
 from policies.pooled import PooledEstimates
-from policies.psst import PSST, Context, Outcome, TopK
+from policies.psst import PLAN_VERSION, PSST, Context, Outcome, TopK
 from policies.stopping import SequentialChoice, best_sequential, learned_rules
 from store.database import open_database
 from store.policy_store import PolicyEntry, PolicyStore
@@ -227,9 +227,9 @@ class RouteTrainer:
                 for t in self.settings.tiers}
 
     def _fingerprint(self, feasible: dict) -> str:
-        """What a run's pulls depend on: resume only a run with the same settings."""
+        """What a run's pulls depend on: resume only a run with the same settings and engine plan version."""
         cfg = self.config
-        parts = [self.route.model, self.route.aggregator, self.route.n_max, sorted(self.prompt_versions.items()),
+        parts = [PLAN_VERSION, self.route.model, self.route.aggregator, self.route.n_max, sorted(self.prompt_versions.items()),
                  self.budget, cfg.seed, cfg.estimator, cfg.pull_size, cfg.screening_k, cfg.screening_fraction, cfg.mode,
                  feasible, {k: list(c.weights) + [c.cost_weight] for k, c in contexts_for(self.rt, self.route).items()}]
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

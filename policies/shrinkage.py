@@ -16,14 +16,17 @@ task: the grid is fixed, the prior is learned from what each prompt shows.
 The likelihood is exact for the atom family with unlabelled wrong answers (which wrong answer is the
 dominant one is summed over), so rows never need class labels beyond "gold" and "not gold".
 
-Queries differ in difficulty more than prompts do (on MATH the query effect on the logit of the gold
-rate has variance 4.4, the prompt effect 1.8), so what the other prompts answered on a query says
-much about how this prompt fares on it. Given those answers (`others`: their gold and non-gold
-counts), a row's prior is its prompt's prior tilted by a tempered likelihood of them,
-(g̃^a (1 − g̃)^b)^γ with g̃ = (1 − η) g + η/2: γ is what one of their draws is worth as one of this
-prompt's, η how far a prompt may stray from the rest on one query. Each prompt takes the (γ, η) of
-`TILTS` under which its own rows are likeliest (γ = 0, no tilt, is on the grid: a prompt whose
-answers do not follow the others', a deceptive one, keeps its untilted prior).
+Queries differ in difficulty more than prompts do (on MATH, with gold rates clipped to [0.001,
+0.999], the query effect on the logit of the gold rate has variance 4.4, the prompt effect 1.8), so
+what the other prompts answered on a query says much about how this prompt fares on it. Given those
+answers (`others`: their gold and non-gold counts), a row's prior is its prompt's prior tilted by a
+tempered likelihood of them, (g̃^a (1 − g̃)^b)^γ with g̃ = (1 − η) g + η/2: γ is what one of their
+draws is worth as one of this prompt's (so the tilt grows with how many draws the others hold), and
+η keeps the tilt finite at shares near 0 and 1, which the others' answers then cannot rule out.
+Each prompt takes the (γ, η) of `TILTS` under which its own rows are likeliest; γ = 0, no tilt, is
+on the grid, and a prompt whose answers do not follow the others' (a deceptive one) takes it. The
+choice is scored on the rows it is used for (unlike κ's held-out folds): on rows with no query
+effect at all a prompt may take a mild tilt, which moves its curves by about 0.01.
 """
 from __future__ import annotations
 
@@ -193,9 +196,14 @@ class Shrinkage:
         self._chosen_at = 0  # rows when κ was last chosen
 
     def _signatures(self, counts: np.ndarray) -> np.ndarray:
-        """Likelihood-cache index of each row's signature (gold count, sorted wrong counts)."""
+        """Likelihood-cache index of each row's signature (gold count, sorted wrong counts). A row with
+        more distinct wrong answers than the atoms have wrong classes (text answers beyond
+        MAX_CLASSES) has its rarest ones counted as its last modelled one, which no atom rules out."""
         sig = np.concatenate([counts[:, :1], -np.sort(-counts[:, 1:], axis=1)], axis=1).astype(np.int64)
         sig = sig[:, : 1 + max(1, int((sig[:, 1:] > 0).sum(axis=1).max(initial=0)))]
+        if sig.shape[1] > self.n_classes:  # at most n_classes − 1 wrong answers per atom
+            sig = np.concatenate([sig[:, :self.n_classes - 1], sig[:, self.n_classes - 1:].sum(axis=1, keepdims=True)],
+                                 axis=1)
         distinct, inverse = np.unique(sig, axis=0, return_inverse=True)
         keys = [row.tobytes() for row in distinct]
         new = [i for i, k in enumerate(keys) if k not in self.index]
@@ -261,7 +269,7 @@ class Shrinkage:
             gold_share = atom_grid(self.n_classes, self.resolution)[:, 0]
             row_prior, self.tilt = tilted_priors(self.prior, prompt_of, lik, others, gold_share, self.n_prompts)
         else:
-            row_prior = self.prior[prompt_of]
+            row_prior, self.tilt = self.prior[prompt_of], np.zeros(self.n_prompts, dtype=int)
         post = lik * row_prior
         post /= np.maximum(post.sum(axis=1, keepdims=True), 1e-300)
         curves = post @ self.credit

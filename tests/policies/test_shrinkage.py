@@ -182,4 +182,45 @@ def test_a_rows_curve_moves_with_what_the_other_prompts_answered_on_its_query():
     curve = est.curves[0, est.row_prompt == 0][split, 15]
     easy, hard = curve[others_right >= 10], curve[others_right <= 2]
     assert len(easy) and len(hard)
-    assert easy.min() > hard.max()  # same own counts: the query the other prompt aced looks better
+    assert easy.min() > hard.max()  # same own counts: a query the three other followers aced looks better
+
+
+@pytest.mark.parametrize("query_tilt", [True, False])
+def test_rows_with_more_distinct_wrong_answers_than_the_atoms_model_stay_finite(query_tilt):
+    """Text answers on a hard query can hold more distinct wrong answers than MAX_CLASSES − 1."""
+    rng = np.random.default_rng(0)
+    est = PooledEstimates(np.ones((1, 1)), np.zeros(1), 2, 16, shrink="soft", query_tilt=query_tilt)
+    for p in range(2):
+        answers = [[str(rng.integers(0, 3)) for _ in range(8)] for _ in range(20)]
+        answers[0] = [str(i) for i in range(14)]  # gold "0" once, 13 distinct wrong answers
+        est.add_mv(p, list(range(20)), answers, ["0"] * 20, np.zeros((20, 8)))
+    assert np.isfinite(est.mean()).all()
+
+
+def test_others_are_the_other_prompts_answers_on_the_same_query_only():
+    est = PooledEstimates(np.ones((1, 1)), np.zeros(1), 3, 8, shrink="soft")
+    est.add_mv(0, ["x", "y"], [["42", "42", "7"], ["1"]], ["42", "2"], np.zeros((2, 3)))
+    est.add_mv(1, ["x", None], [["42", "9"], ["5", "5"]], ["42", "5"], np.zeros((2, 2)))
+    est.add_mv(2, ["x"], [["8", None]], ["42"], np.zeros((1, 2)))
+    rows = {(p, k): r for (p, k), r in est.rows.items() if not isinstance(k, tuple)}
+    others = est._others()
+    assert others[rows[(0, "x")]].tolist() == [1, 2]  # prompt 1: 42, 9; prompt 2: 8 (no answer not counted)
+    assert others[rows[(1, "x")]].tolist() == [2, 2]
+    assert others[rows[(0, "y")]].tolist() == [0, 0]  # nobody else on y
+    anonymous = next(r for (p, k), r in est.rows.items() if isinstance(k, tuple))
+    assert others[anonymous].tolist() == [0, 0]  # a pull without a query key is a query of its own
+
+
+def test_pulling_one_prompt_on_a_query_moves_another_prompts_curve_there():
+    counts = shared_difficulty(np.random.default_rng(8))
+    est = PooledEstimates(np.ones((1, 1)), np.zeros(1), 5, 16, shrink="soft")
+    X = counts.shape[1]
+    for p in range(4):
+        est.add_mv(p, list(range(X)), [np.repeat([0, 1], row) for row in counts[p]], [0] * X, np.zeros((X, 4)))
+    est.mean()
+    row = est.rows[(0, 0)]
+    before = est.curves[0, row].copy()
+    est.add_mv(4, [0], [np.ones(12, dtype=int) if counts[0, 0, 0] >= 2 else np.zeros(12, dtype=int)], [0],
+               np.zeros((1, 12)))  # 12 draws on query 0 against what prompt 0 saw there
+    est.mean()
+    assert np.abs(est.curves[0, row] - before).max() > 1e-3
