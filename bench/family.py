@@ -101,7 +101,8 @@ class Unpaired:
 
 
 ALGORITHMS = {
-    "PSST": PSST,  # the default: pooled curves shrunk by a soft prior tilted per query, pulls of 4 (more once queries run out)
+    # the default: pooled curves shrunk by a soft prior tilted per query, pulls of 4 (more once queries run out)
+    "PSST": PSST,
     "PSST-paper (blocks; unpaired)": Unpaired(PSST, estimator="block"),
 }
 ABLATIONS = {"PSST, untilted prior (before)": functools.partial(PSST, query_tilt=False)}  # at ABLATION_BUDGET

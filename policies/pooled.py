@@ -193,12 +193,11 @@ class PooledEstimates:
         touched = np.unique(np.concatenate(self._dirty))
         self._dirty = []
         if self.shrinkage is not None:
-            # a prompt's prior moves with any of its rows: redo all its rows; and with the query tilt a row's
-            # prior moves with any row on its query: redo all rows
-            touched = (np.arange(len(self.row_prompt)) if self.query_tilt else
-                       np.flatnonzero(np.isin(self.row_prompt, self.row_prompt[touched])))
+            if self.query_tilt:  # a row's prior moves with any row on its query: redo all rows
+                touched, others = np.arange(len(self.row_prompt)), self._others()
+            else:  # a prompt's prior moves with any of its rows: redo all its rows
+                touched, others = np.flatnonzero(np.isin(self.row_prompt, self.row_prompt[touched])), None
             counts = self.counts[touched]
-            others = self._others()[touched] if self.query_tilt else None
             # integer labels: classes seen; text answers: the widest row (gold + its distinct wrong answers)
             classes = self.n_classes or counts.shape[1]
             quality = thin(self.shrinkage.curves(self.row_prompt[touched], counts, classes, others), counts,

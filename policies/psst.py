@@ -14,7 +14,8 @@ import numpy as np
 from policies.arms import Context, RankedArm
 from policies.engine import Engine, Outcome, Pull, feasible_mask, first_of
 
-__all__ = ["PSST", "PLAN_VERSION", "Context", "Outcome", "TopK", "Pull", "RankedArm", "Engine", "feasible_mask", "first_of"]
+__all__ = ["PSST", "PLAN_VERSION", "Context", "Outcome", "TopK", "Pull", "RankedArm", "Engine", "feasible_mask",
+           "first_of"]
 
 POOLED_PULL_SIZE = 8  # completions per pull with plug-in curves (bench/README.md: 6, 8, 12, 16 compared)
 SHRUNK_PULL_SIZE = 4  # with shrunk curves, whose prior corrects small pools' bias (bench/README.md, issue 11)
