@@ -1,0 +1,152 @@
+"""Where PSST's regret comes from: the default engine, with each prompt's estimated per-query vote
+curves replaced by the exact ones from halving round k on.
+
+Same protocol as `bench/psst.py --family` (seeded 80/20 splits, exact judging on the test split);
+only what the engine reads changes. From round k on, every value it ranks or chooses by is the mean
+over the queries it pulled of the exact credit curves of those (prompt, query) pairs: the pulls,
+their queries and the budget stay its own, so the gap to the default is what the estimation of
+curves from a few completions per query costs in the rounds from k on. "last round" makes only the
+final halving exact; "final N" only the choice of N for the surviving prompt.
+
+    python bench/floor.py [--splits 100] [--members math,...] [--budget 5000]
+
+Writes bench/results/psst_floor.json and prints the table for bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from bench.family import MEMBERS, load_member  # noqa: E402
+from bench.simulate import Task, run_once  # noqa: E402
+from policies.psst import PSST  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "psst_floor.json"
+DEFAULT_MEMBERS = ["math", "math-P12-X150", "math-P20-X250", "math-P25-X160", "math-P10-X316", "heldout-like"]
+LAST, FINAL = -1, -2  # pseudo-rounds: exact in the last halving only; exact for the final choice of N only
+VARIANTS = {"default": None, "exact from round 0": 0, "exact from round 1": 1, "exact from round 2": 2,
+            "exact in the last round": LAST, "exact for the final N": FINAL}
+
+
+class ExactCurves:
+    """Reads like the engine's estimates; from the engine's round `start` on, its means are those of
+    the exact per-query credit (`per_query` (C, P, X, n_max)) over the queries each prompt was pulled on."""
+
+    def __init__(self, estimates, per_query: np.ndarray, engine: PSST, start: int) -> None:
+        self.inner, self.per_query, self.engine, self.start = estimates, np.asarray(per_query), engine, start
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def _exact(self) -> bool:
+        e = self.engine
+        if e.choosing or e.finished:
+            return True
+        if self.start == FINAL:
+            return False
+        start = e.rounds - 1 if self.start == LAST else self.start
+        return e.phase == "rounds" and e.round >= start
+
+    def mean(self) -> np.ndarray:
+        estimated = self.inner.mean()
+        if not self._exact():
+            return estimated
+        inner = self.inner
+        query_of = np.empty(len(inner.queries), dtype=int)
+        for key, index in inner.queries.items():
+            query_of[index] = int(key)  # the simulator names each query by its index
+        curves = self.per_query[:, inner.row_prompt, query_of[inner.row_query], :]  # (C, R, n_max)
+        sums = np.stack([np.bincount(inner.row_prompt, curves[c, :, n], inner.n_prompts)
+                         for c in range(curves.shape[0]) for n in range(curves.shape[2])], axis=1)
+        sums = sums.reshape(inner.n_prompts, curves.shape[0], curves.shape[2]).transpose(1, 0, 2)
+        rows = inner.row_count[None, :, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(rows > 0, sums / rows, np.nan) - inner._cost_curve()
+
+
+class ExactFrom(PSST):
+    """The default PSST reading exact curves from round `start` on (see ExactCurves)."""
+
+    def __init__(self, *args, per_query: np.ndarray, start: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.choosing = False  # in _finish: the surviving prompt's N is chosen
+        self.estimates = ExactCurves(self.estimates, per_query, self, start)
+
+    def _finish(self) -> None:
+        self.choosing = True
+        super()._finish()
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def _job(args):
+    member, variant, budget, seed = args
+    if member not in _TASKS:
+        _TASKS[member] = load_member(member)
+    task, start = _TASKS[member], VARIANTS[variant]
+    make = PSST if start is None else functools.partial(ExactFrom, per_query=task.per_query, start=start)
+    return member, variant, seed, run_once(task, make, budget, seed)["regret"]
+
+
+def run(members: list[str], budget: int, splits: int, workers: int) -> dict:
+    jobs = [(m, v, budget, s) for m in members for v in VARIANTS for s in range(splits)]
+    start = time.time()
+    with Pool(workers) as pool:
+        out = pool.map(_job, jobs, chunksize=max(1, len(jobs) // (workers * 40)))
+    regret = {(m, v): np.full(splits, np.nan) for m in members for v in VARIANTS}
+    for m, v, s, r in out:
+        regret[(m, v)][s] = r
+    se = lambda x: float(x.std(ddof=1) / np.sqrt(len(x)))
+    cells = {m: {v: {"regret": float(regret[(m, v)].mean()), "regret_se": se(regret[(m, v)]),
+                     "vs_default": float((regret[(m, v)] - regret[(m, "default")]).mean()),
+                     "vs_default_se": se(regret[(m, v)] - regret[(m, "default")])} for v in VARIANTS}
+             for m in members}
+    return {"budget": budget, "splits": splits, "wall_s": round(time.time() - start, 1), "cells": cells}
+
+
+def markdown(report: dict) -> str:
+    head = ["member"] + list(VARIANTS)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, by in report["cells"].items():
+        row = [m]
+        for v, c in by.items():
+            cell = f"{c['regret']:.4f} ± {c['regret_se']:.4f}"
+            if v != "default":
+                cell += f" ({c['vs_default']:+.4f} ± {c['vs_default_se']:.4f})"
+            row.append(cell)
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--splits", type=int, default=100)
+    ap.add_argument("--budget", type=int, default=5000)
+    ap.add_argument("--members", default=",".join(DEFAULT_MEMBERS))
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    a = ap.parse_args()
+    members = a.members.split(",")
+    unknown = [m for m in members if m not in MEMBERS]
+    if unknown:
+        sys.exit(f"unknown members: {', '.join(unknown)} (known: {', '.join(MEMBERS)})")
+    report = run(members, a.budget, a.splits, a.workers)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=1))
+    print(markdown(report))
+    print(f"\n{a.splits} splits per cell at T = {a.budget}; {report['wall_s']} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
