@@ -51,12 +51,10 @@ class ExactCurves:
 
     def _exact(self) -> bool:
         e = self.engine
-        if e.choosing or e.finished:
-            return True
         if self.start == FINAL:
-            return False
+            return e.choosing or e.finished
         start = e.rounds - 1 if self.start == LAST else self.start
-        return e.phase == "rounds" and e.round >= start
+        return e.phase == "rounds" and e.round >= start  # at the final choice, round == rounds
 
     def mean(self) -> np.ndarray:
         estimated = self.inner.mean()

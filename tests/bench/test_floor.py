@@ -1,0 +1,66 @@
+"""bench/floor.py: the engine reads estimated curves before round k and exact ones from round k on."""
+from __future__ import annotations
+
+import numpy as np
+
+from bench.floor import FINAL, ExactFrom
+from bench.simulate import Simulator, mv_task
+from policies.environments import synthetic_mv
+from policies.psst import PSST
+
+
+def _exact_means(task, engine) -> np.ndarray:
+    """Mean over each prompt's pulled queries of the exact per-query credit, minus the cost curve."""
+    inner = engine.estimates.inner
+    out = np.full(task.per_query.shape[:2] + task.per_query.shape[3:], np.nan)
+    for p in range(task.env.n_prompts):
+        queries = [int(key) for (prompt, key) in inner.rows if prompt == p]
+        if queries:
+            out[:, p] = task.per_query[:, p, queries, :].mean(axis=1)
+    return out - inner._cost_curve()
+
+
+def _drive(task, engine, rounds: int) -> None:
+    train = np.arange(task.env.n_queries)
+    sim = Simulator(task, train, np.random.default_rng(1))
+    for _ in range(rounds):
+        engine.tell(sim.run(engine.ask()))
+
+
+def _engine(task, start: int, budget: int = 3000):
+    prompts = [f"p{i}" for i in range(task.env.n_prompts)]
+    return ExactFrom(prompts=prompts, n_max=task.env.n_max, contexts=task.contexts, budget=budget, seed=3,
+                     n_queries=task.env.n_queries, per_query=task.per_query, start=start)
+
+
+def test_means_are_estimated_before_round_k_and_exact_from_it():
+    task = mv_task(synthetic_mv(seed=2, n_prompts=8, n_queries=60))
+    engine = _engine(task, start=1)
+    _drive(task, engine, 1)  # round 0 told: the engine is now in round 1
+    assert engine.round == 1
+    assert np.allclose(engine.estimates.mean(), _exact_means(task, engine), equal_nan=True)
+    assert not np.allclose(engine.estimates.inner.mean(), _exact_means(task, engine), equal_nan=True)
+
+    before = _engine(task, start=2)
+    _drive(task, before, 1)
+    assert np.array_equal(before.estimates.mean(), before.estimates.inner.mean(), equal_nan=True)
+
+
+def test_final_n_is_chosen_on_exact_curves_after_estimated_halving():
+    task = mv_task(synthetic_mv(seed=2, n_prompts=8, n_queries=60))
+    exact, plain = _engine(task, start=FINAL), _engine(task, start=99)
+    prompts = [f"p{i}" for i in range(task.env.n_prompts)]
+    default = PSST(prompts=prompts, n_max=task.env.n_max, contexts=task.contexts, budget=3000, seed=3,
+                   n_queries=task.env.n_queries)
+    for engine in (exact, plain, default):
+        train = np.arange(task.env.n_queries)
+        sim = Simulator(task, train, np.random.default_rng(1))
+        while batch := engine.ask():
+            engine.tell(sim.run(batch))
+    # the same pulls and halving: the survivor prompt per context is the default's
+    assert {c: p for c, (p, _) in exact.policy().items()} == {c: p for c, (p, _) in default.policy().items()}
+    assert plain.policy() == default.policy()
+    means = _exact_means(task, exact)
+    for c, (prompt, n) in exact.policy().items():
+        ci, pi = exact.context_names.index(c), exact.prompt_index[prompt]
+        assert n - 1 == int(np.argmax(means[ci, pi]))  # the best N on exact curves
