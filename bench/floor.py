@@ -3,12 +3,13 @@ curves replaced by the exact ones from halving round k on.
 
 Same protocol as `bench/psst.py --family` (seeded 80/20 splits, exact judging on the test split);
 only what the engine reads changes. From round k on, every value it ranks or chooses by is the mean
-over the queries it pulled of the exact credit curves of those (prompt, query) pairs: the pulls,
-their queries and the budget stay its own, so the gap to the default is what the estimation of
-curves from a few completions per query costs in the rounds from k on. "last round" makes only the
-final halving exact; "final N" only the choice of N for the surviving prompt.
+over the queries it pulled of the exact credit curves of those (prompt, query) pairs. The planning
+rule, budget and seeds are the default's; once a halving differs, which prompts are pulled, and on
+how many queries, differs too. So the gap to the default is what estimating curves from a few
+completions per query costs from round k on, with what those choices change downstream.
+"last halving" makes the last halving and the final choice of N exact; "final N" only that choice.
 
-    python bench/floor.py [--splits 100] [--members math,...] [--budget 5000]
+    python bench/floor.py [--splits 200] [--members math,...] [--budget 5000]
 
 Writes bench/results/psst_floor.json and prints the table for bench/README.md.
 """
@@ -34,14 +35,15 @@ from policies.psst import PSST  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "psst_floor.json"
 DEFAULT_MEMBERS = ["math", "math-P12-X150", "math-P20-X250", "math-P25-X160", "math-P10-X316", "heldout-like"]
-LAST, FINAL = -1, -2  # pseudo-rounds: exact in the last halving only; exact for the final choice of N only
+LAST, FINAL = -1, -2  # pseudo-rounds: exact from the last halving on (with the final N); exact for the final N only
 VARIANTS = {"default": None, "exact from round 0": 0, "exact from round 1": 1, "exact from round 2": 2,
-            "exact in the last round": LAST, "exact for the final N": FINAL}
+            "exact in the last halving and N": LAST, "exact for the final N": FINAL}
 
 
 class ExactCurves:
     """Reads like the engine's estimates; from the engine's round `start` on, its means are those of
-    the exact per-query credit (`per_query` (C, P, X, n_max)) over the queries each prompt was pulled on."""
+    the exact per-query credit (`per_query` (C, P, X, n_max)) over the queries each prompt was pulled on.
+    Everything else (stderr, rows, counts) is the wrapped estimates' own."""
 
     def __init__(self, estimates, per_query: np.ndarray, engine: PSST, start: int) -> None:
         self.inner, self.per_query, self.engine, self.start = estimates, np.asarray(per_query), engine, start
@@ -123,6 +125,7 @@ def markdown(report: dict) -> str:
             cell = f"{c['regret']:.4f} ± {c['regret_se']:.4f}"
             if v != "default":
                 cell += f" ({c['vs_default']:+.4f} ± {c['vs_default_se']:.4f})"
+            cell = cell.replace("-", "−")
             row.append(cell)
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -130,7 +133,7 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--splits", type=int, default=100)
+    ap.add_argument("--splits", type=int, default=200)
     ap.add_argument("--budget", type=int, default=5000)
     ap.add_argument("--members", default=",".join(DEFAULT_MEMBERS))
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.floor import FINAL, ExactFrom
+from bench.floor import FINAL, LAST, ExactFrom
 from bench.simulate import Simulator, mv_task
 from policies.environments import synthetic_mv
 from policies.psst import PSST
@@ -20,9 +20,13 @@ def _exact_means(task, engine) -> np.ndarray:
     return out - inner._cost_curve()
 
 
+def _train(task) -> np.ndarray:
+    """A shuffled training set, as run_once draws it: slot, position and query index all differ."""
+    return np.random.default_rng(5).permutation(task.env.n_queries)[: task.env.n_queries * 4 // 5]
+
+
 def _drive(task, engine, rounds: int) -> None:
-    train = np.arange(task.env.n_queries)
-    sim = Simulator(task, train, np.random.default_rng(1))
+    sim = Simulator(task, _train(task), np.random.default_rng(1))
     for _ in range(rounds):
         engine.tell(sim.run(engine.ask()))
 
@@ -30,7 +34,7 @@ def _drive(task, engine, rounds: int) -> None:
 def _engine(task, start: int, budget: int = 3000):
     prompts = [f"p{i}" for i in range(task.env.n_prompts)]
     return ExactFrom(prompts=prompts, n_max=task.env.n_max, contexts=task.contexts, budget=budget, seed=3,
-                     n_queries=task.env.n_queries, per_query=task.per_query, start=start)
+                     n_queries=len(_train(task)), per_query=task.per_query, start=start)
 
 
 def test_means_are_estimated_before_round_k_and_exact_from_it():
@@ -44,6 +48,33 @@ def test_means_are_estimated_before_round_k_and_exact_from_it():
     before = _engine(task, start=2)
     _drive(task, before, 1)
     assert np.array_equal(before.estimates.mean(), before.estimates.inner.mean(), equal_nan=True)
+    _drive(task, before, 1)  # now in round 2
+    assert before.round == 2
+    assert np.allclose(before.estimates.mean(), _exact_means(task, before), equal_nan=True)
+
+
+def test_last_halving_is_exact_and_the_rounds_before_it_are_not():
+    task = mv_task(synthetic_mv(seed=2, n_prompts=8, n_queries=60))
+    engine = _engine(task, start=LAST)
+    assert engine.rounds == 3
+    _drive(task, engine, 1)  # round 1 of 0..2
+    assert np.array_equal(engine.estimates.mean(), engine.estimates.inner.mean(), equal_nan=True)
+    _drive(task, engine, 1)  # round 2, the last halving
+    assert np.allclose(engine.estimates.mean(), _exact_means(task, engine), equal_nan=True)
+
+
+def test_a_budget_gone_early_still_halves_to_one_arm_on_the_variant_s_curves():
+    task = mv_task(synthetic_mv(seed=2, n_prompts=8, n_queries=60))
+    engine = _engine(task, start=1, budget=40)  # round 0 only: the rest is halved on what it bought
+    sim = Simulator(task, _train(task), np.random.default_rng(1))
+    while batch := engine.ask():
+        engine.tell(sim.run(batch))
+    assert engine.finished and engine.spent <= 40
+    assert (engine.active.reshape(len(engine.context_names), -1).sum(axis=1) == 1).all()
+    means = _exact_means(task, engine)
+    for c, (prompt, n) in engine.policy().items():
+        ci, pi = engine.context_names.index(c), engine.prompt_index[prompt]
+        assert n - 1 == int(np.nanargmax(means[ci, pi]))
 
 
 def test_final_n_is_chosen_on_exact_curves_after_estimated_halving():
@@ -51,10 +82,9 @@ def test_final_n_is_chosen_on_exact_curves_after_estimated_halving():
     exact, plain = _engine(task, start=FINAL), _engine(task, start=99)
     prompts = [f"p{i}" for i in range(task.env.n_prompts)]
     default = PSST(prompts=prompts, n_max=task.env.n_max, contexts=task.contexts, budget=3000, seed=3,
-                   n_queries=task.env.n_queries)
+                   n_queries=len(_train(task)))
     for engine in (exact, plain, default):
-        train = np.arange(task.env.n_queries)
-        sim = Simulator(task, train, np.random.default_rng(1))
+        sim = Simulator(task, _train(task), np.random.default_rng(1))
         while batch := engine.ask():
             engine.tell(sim.run(batch))
     # the same pulls and halving: the survivor prompt per context is the default's
