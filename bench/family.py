@@ -60,8 +60,10 @@ MEMBERS = {  # name -> (kind, builder); kind "real" = MATH or a resample of it
 }
 
 
+@functools.lru_cache(maxsize=None)
 def load_member(name: str) -> Task:
-    """The member's task with its exact per-query credit, from the disk cache when present."""
+    """The member's task with its exact per-query credit, from the disk cache when present (and
+    kept per process: a worker builds each member once)."""
     env = MEMBERS[name][1]()
     digest = hashlib.sha1(env.answer_probs.tobytes() + env.gold.tobytes()).hexdigest()[:16]
     path = CACHE / f"{name}-{digest}.npy"
@@ -109,14 +111,10 @@ ABLATIONS = {"PSST, untilted prior (before)": functools.partial(PSST, query_tilt
 ABLATION_BUDGET = 5000
 PAPER = "PSST-paper (blocks; unpaired)"
 
-_TASKS: dict[str, Task] = {}
-
-
 def _job(args):
     member, algo, budget, seed = args
-    if member not in _TASKS:
-        _TASKS[member] = load_member(member)
-    return member, algo, budget, seed, run_once(_TASKS[member], {**ALGORITHMS, **ABLATIONS}[algo], budget, seed)["regret"]
+    return member, algo, budget, seed, run_once(load_member(member), {**ALGORITHMS, **ABLATIONS}[algo], budget,
+                                                seed)["regret"]
 
 
 def run_family(members: list[str], budgets: list[int], splits: int, workers: int) -> dict:

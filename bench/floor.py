@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from bench.family import MEMBERS, load_member  # noqa: E402
-from bench.simulate import Task, run_once  # noqa: E402
+from bench.simulate import run_once  # noqa: E402
 from policies.psst import PSST  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "psst_floor.json"
@@ -63,13 +63,11 @@ class ExactCurves:
         if not self._exact():
             return estimated
         inner = self.inner
-        query_of = np.empty(len(inner.queries), dtype=int)
-        for key, index in inner.queries.items():
-            query_of[index] = int(key)  # the simulator names each query by its index
+        # query keys in index order (indices are given in insertion order); the simulator's key is the query's index
+        query_of = np.fromiter(inner.queries, dtype=int, count=len(inner.queries))
         curves = self.per_query[:, inner.row_prompt, query_of[inner.row_query], :]  # (C, R, n_max)
-        sums = np.stack([np.bincount(inner.row_prompt, curves[c, :, n], inner.n_prompts)
-                         for c in range(curves.shape[0]) for n in range(curves.shape[2])], axis=1)
-        sums = sums.reshape(inner.n_prompts, curves.shape[0], curves.shape[2]).transpose(1, 0, 2)
+        sums = np.zeros((curves.shape[0], inner.n_prompts, curves.shape[2]))
+        np.add.at(sums, (slice(None), inner.row_prompt), curves)
         rows = inner.row_count[None, :, None]
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(rows > 0, sums / rows, np.nan) - inner._cost_curve()
@@ -88,14 +86,9 @@ class ExactFrom(PSST):
         super()._finish()
 
 
-_TASKS: dict[str, Task] = {}
-
-
 def _job(args):
     member, variant, budget, seed = args
-    if member not in _TASKS:
-        _TASKS[member] = load_member(member)
-    task, start = _TASKS[member], VARIANTS[variant]
+    task, start = load_member(member), VARIANTS[variant]
     make = PSST if start is None else functools.partial(ExactFrom, per_query=task.per_query, start=start)
     return member, variant, seed, run_once(task, make, budget, seed)["regret"]
 

@@ -230,7 +230,8 @@ class RouteTrainer:
         """What a run's pulls depend on: resume only a run with the same settings and engine plan version."""
         cfg = self.config
         parts = [PLAN_VERSION, self.route.model, self.route.aggregator, self.route.n_max,
-                 sorted(self.prompt_versions.items()), self.budget, cfg.seed, cfg.estimator, cfg.pull_size, cfg.screening_k, cfg.screening_fraction, cfg.mode,
+                 sorted(self.prompt_versions.items()), self.budget, cfg.seed, cfg.estimator, cfg.pull_size,
+                 cfg.screening_k, cfg.screening_fraction, cfg.mode,
                  feasible, {k: list(c.weights) + [c.cost_weight] for k, c in contexts_for(self.rt, self.route).items()}]
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
