@@ -92,13 +92,14 @@ def summary(cells: dict[str, dict[int, dict]], budgets: list[int]) -> dict[int, 
 
 
 class Unpaired:
-    """Factory that hides the training-set size, so pulls use independently sampled queries."""
+    """Factory that hides the training set's query slots, so pulls use independently sampled queries."""
 
     def __init__(self, cls, **options) -> None:
         self.cls, self.options = cls, options
 
     def __call__(self, **kwargs):
         kwargs.pop("n_queries", None)
+        kwargs.pop("query_keys", None)
         return self.cls(**kwargs, **self.options)
 
 

@@ -83,7 +83,7 @@ def run_once(task: Task, make, budget: int, seed: int, train_fraction: float = 0
     sim = Simulator(task, train, np.random.default_rng(10_000 + seed))
     prompts = [f"p{i}" for i in range(task.env.n_prompts)]
     trainer = make(prompts=prompts, n_max=task.env.n_max, contexts=task.contexts, budget=budget,
-                   aggregator=task.aggregator, seed=seed, n_queries=len(train))
+                   aggregator=task.aggregator, seed=seed, query_keys=[int(x) for x in train])
     bookkeeping = 0.0
     while True:
         t0 = time.perf_counter()

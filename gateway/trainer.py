@@ -185,7 +185,8 @@ class RouteTrainer:
         report.feasible = self._feasible(queries)
         fingerprint = self._fingerprint(report.feasible)
         engine = PSST(prompts=[p.id for p in route.prompts], n_max=route.n_max, contexts=contexts_for(self.rt, route),
-                      budget=self.budget, aggregator=route.aggregator, seed=cfg.seed, n_queries=len(queries),
+                      budget=self.budget, aggregator=route.aggregator, seed=cfg.seed,
+                      query_keys=[q["query_key"] for q in queries],
                       screening=TopK(cfg.screening_k, cfg.screening_fraction) if cfg.screening_k else None,
                       estimator=cfg.estimator, pull_size=cfg.pull_size, feasible=report.feasible)
         if dry_run:

@@ -74,7 +74,9 @@ class Engine:
     def __init__(self, prompts: Sequence[str], n_max: int, contexts: dict[str, Context], budget: int,
                  aggregator: str = "mv", seed: int = 0, estimator: str = "subset", permutations: int = 8,
                  n_queries: int | None = None, feasible: Mapping[str, Mapping[str, int]] | None = None,
-                 shrink: bool | str = False, query_tilt: bool = True) -> None:
+                 shrink: bool | str = False, query_tilt: bool = True, query_keys: Sequence | None = None) -> None:
+        # query_keys[s]: the `Outcome.query` of query slot s (then n_queries defaults to its length);
+        # with them the engine can tell which slot an estimate's query is, and revisit it on purpose
         if aggregator not in ("mv", "bon"):
             raise ValueError("aggregator must be 'mv' or 'bon'")
         if not prompts or n_max < 1 or budget < 0 or not contexts:
@@ -89,7 +91,14 @@ class Engine:
         self.budget = int(budget)
         self.aggregator = aggregator
         self.rng = np.random.default_rng(seed)
+        if query_keys is not None:
+            query_keys = list(query_keys)
+            if n_queries is not None and n_queries != len(query_keys):
+                raise ValueError(f"n_queries is {n_queries} but query_keys names {len(query_keys)} queries")
+            n_queries = len(query_keys)
         self.n_queries = n_queries
+        self.query_keys = query_keys
+        self._slot_of = {key: s for s, key in enumerate(query_keys or [])}
         self.spent = 0
         self.outstanding = 0
         self.finished = False
@@ -100,7 +109,8 @@ class Engine:
         else:
             self.estimates = ArmEstimates(self.weights, self.cost_weights, len(self.prompts), n_max, mode=estimator,
                                           permutations=permutations, rng=self.rng)
-        self._fresh = np.ones(n_queries or 0, dtype=bool)  # query slots not yet planned in this run
+        self._fresh = np.ones(n_queries or 0, dtype=bool)  # query slots not planned since all last were
+        self._seen = np.zeros(n_queries or 0, dtype=bool)  # query slots planned at least once in this run
         # feasible[c, p, n-1]: arm (p, n) may be served in context c (a tier's largest N per prompt)
         self.feasible = feasible_mask(feasible, self.context_names, self.prompts, n_max)
         # active[c, p, n-1]: arm (p, n) still a candidate in context c
@@ -209,18 +219,29 @@ class Engine:
                 for p, n, count in plan for j in range(count)]
 
     def _slots(self, count: int) -> np.ndarray:
-        """`count` distinct query slots, unseen ones first (more queries, less between-query noise)."""
-        fresh = np.flatnonzero(self._fresh)
-        if count <= len(fresh):
-            slots = self.rng.choice(fresh, size=count, replace=False)
+        """`count` distinct query slots: first the revisits `_revisits` picks, as many as the share of
+        slots already seen (a fresh query adds less as the unseen share of the training set shrinks),
+        then unseen ones (more queries, less between-query noise), then the least recently planned."""
+        revisits = self._revisits(int(count * self._seen.mean()))
+        taken = np.zeros(self.n_queries, dtype=bool)
+        taken[revisits] = True
+        fresh, rest = np.flatnonzero(self._fresh & ~taken), count - len(revisits)
+        if rest <= len(fresh):
+            drawn = self.rng.choice(fresh, size=rest, replace=False)
         else:
-            seen, more = np.flatnonzero(~self._fresh), count - len(fresh)
-            pool = seen if more <= len(seen) else np.arange(self.n_queries)
-            slots = np.concatenate([fresh, self.rng.choice(pool, size=more, replace=more > len(pool))])
+            seen, more = np.flatnonzero(~self._fresh & ~taken), rest - len(fresh)
+            pool = seen if more <= len(seen) else np.flatnonzero(~taken)
+            drawn = np.concatenate([fresh, self.rng.choice(pool, size=more, replace=more > len(pool))])
+        slots = np.concatenate([revisits, drawn]).astype(int)
         self._fresh[slots] = False
+        self._seen[slots] = True
         if not self._fresh.any():
             self._fresh[:] = True
         return slots
+
+    def _revisits(self, count: int) -> np.ndarray:
+        """Up to `count` distinct slots, already seen, to plan again on purpose (none by default)."""
+        return np.zeros(0, dtype=int)
 
     def _add(self, p: int, n: int, outcomes: list[Outcome]) -> None:
         costs = np.stack([np.asarray(o.costs, dtype=float) for o in outcomes])

@@ -93,6 +93,7 @@ class PooledEstimates:
         self.queries: dict[object, int] = {}  # query key → index (a pull without a key is a query of its own)
         self.row_query = np.zeros(0, dtype=int)
         self.curves = np.zeros((C, 0, n_max))  # quality per context, row, n
+        self.variance: np.ndarray | None = None  # shrunk MV: posterior variance of each row's vote credit (R, n_max)
         self.sums = np.zeros((C, n_prompts, n_max))  # Σ over a prompt's rows of curves, and of squares
         self.squares = np.zeros((C, n_prompts, n_max))
         self.row_count = np.zeros(n_prompts)
@@ -202,6 +203,12 @@ class PooledEstimates:
             classes = self.n_classes or counts.shape[1]
             quality = thin(self.shrinkage.curves(self.row_prompt[touched], counts, classes, others), counts,
                            self.missing[touched].astype(float))
+            if self.variance is None or len(self.variance) < len(self.row_prompt):
+                grown = np.zeros((len(self.row_prompt), self.n_max))
+                if self.variance is not None:
+                    grown[: len(self.variance)] = self.variance
+                self.variance = grown
+            self.variance[touched] = self.shrinkage.variance
         else:
             quality = self._vote_curves(self.counts[touched], self.missing[touched])
         self._set_curves(touched, self.weights[:, :1, None] * quality[None])
@@ -265,6 +272,21 @@ class PooledEstimates:
         r = self.row_count[None, :, None]
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(r > 0, self.sums / r, np.nan) - self._cost_curve()
+
+    def uncertainty(self, active: np.ndarray) -> np.ndarray | None:
+        """(Q,) per query (in `queries` order) how uncertain the active prompts' values on it are:
+        over contexts and the prompts active there, the sum of the posterior variance of the row's
+        vote credit at the prompt's best active N (times the context's gold weight squared). None
+        without a posterior (plug-in curves, best-of-N)."""
+        mean = self.mean()  # refreshes the curves and their variances
+        if self.variance is None:
+            return None
+        alive = active.any(axis=2)  # (C, P)
+        best = np.where(active, np.nan_to_num(mean, nan=-np.inf), -np.inf).argmax(axis=2)  # (C, P)
+        rp = self.row_prompt
+        spread = self.variance[np.arange(len(rp))[None, :], best[:, rp]]  # (C, R)
+        weight = self.weights[:, :1] ** 2 * alive[:, rp]  # (C, R)
+        return np.bincount(self.row_query, (weight * spread).sum(axis=0), len(self.queries))
 
     def stderr(self) -> np.ndarray:
         """(C, P, n_max) standard error over the prompt's queries (NaN below two queries)."""

@@ -19,7 +19,8 @@ __all__ = ["PSST", "PLAN_VERSION", "Context", "Outcome", "TopK", "Pull", "Ranked
 
 POOLED_PULL_SIZE = 8  # completions per pull with plug-in curves (bench/README.md: 6, 8, 12, 16 compared)
 SHRUNK_PULL_SIZE = 4  # with shrunk curves, whose prior corrects small pools' bias (bench/README.md, issue 11)
-PLAN_VERSION = 2  # bumped when the same settings, seed and outcomes would plan other pulls (2: query tilt)
+PLAN_VERSION = 3  # bumped when the same settings, seed and outcomes would plan other pulls (2: query tilt;
+# 3: revisits of the most uncertain seen queries)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,9 @@ class PSST(Engine):
     the other prompts' answers on its query unless `query_tilt=False`), every active prompt pulled at
     one size per round on fresh, shared queries — `min_pull` (4 with shrunk vote curves, 8 with
     plug-in ones and for best-of-N), larger only when the round would otherwise revisit queries;
-    `pull_size` fixes it — and ⌈log2 P⌉ rounds that halve each context's prompts (keeping all their
+    `pull_size` fixes it; with `query_keys` and shrunk curves, the share of a round's slots that the
+    run has already seen of the training set revisits the seen queries the active prompts are least
+    certain on (`_revisits`) — and ⌈log2 P⌉ rounds that halve each context's prompts (keeping all their
     N): one curve per (prompt, query) values every N, so small pulls on many
     queries replace the paper's pulls at the largest active N on a few. With `estimator="subset"`
     (or "block", the paper's): pulls at the largest active N and halving of arms over ⌈log2 |A|⌉
@@ -117,6 +120,22 @@ class PSST(Engine):
         fresh = int(self._fresh.sum()) if self.n_queries else 0
         size = self.min_pull if not fresh else max(self.min_pull, math.ceil(per_prompt / fresh))
         return int(min(size, self.n_max))
+
+    def _revisits(self, count: int) -> np.ndarray:
+        """The seen slots whose queries the active prompts are least certain on (`uncertainty`), most
+        uncertain first: there another pull narrows the compared values most. Needs the slots' query
+        keys and a posterior (shrunk vote curves); none in screening."""
+        if not count or self.phase != "rounds" or not self._slot_of:
+            return np.zeros(0, dtype=int)
+        uncertainty = self.estimates.uncertainty(self.active) if self.estimator == "pooled" else None
+        if uncertainty is None:
+            return np.zeros(0, dtype=int)
+        keys = list(self.estimates.queries)  # in index order (a dict keeps insertion order)
+        slot = np.array([self._slot_of.get(key, -1) for key in keys], dtype=int)
+        ok = (slot >= 0) & (uncertainty > 0)
+        ok[ok] &= self._seen[slot[ok]]
+        order = np.flatnonzero(ok)[np.argsort(-uncertainty[ok], kind="stable")]
+        return slot[order[:count]]
 
     def _largest(self) -> np.ndarray:
         """Per prompt the largest N active in some context (0 when none)."""

@@ -191,6 +191,7 @@ class Shrinkage:
         self.prior = np.full((self.n_prompts, len(atoms)), 1.0 / len(atoms))
         self.common = self.prior[:1].copy()
         self.credit = atom_credit(self.n_classes, self.n_max, self.resolution)
+        self.credit_squared = self.credit**2
         self.index: dict[bytes, int] = {}
         self.lik = np.zeros((0, len(atoms)))
         self._chosen_at = 0  # rows when κ was last chosen
@@ -253,7 +254,8 @@ class Shrinkage:
         """Posterior-mean credit curves (R, n_max) for rows of valid-answer counts (R, 1 + W) (gold
         first), refitting the priors from exactly these rows (all of each given prompt's rows); with
         `others` (R, 2), the other prompts' gold and non-gold counts on each row's query, each row's
-        prior is tilted by them (`tilted_priors`)."""
+        prior is tilted by them (`tilted_priors`). Leaves the posterior variance of each row's credit
+        (R, n_max) in `self.variance`."""
         if min(max(n_classes, 2), MAX_CLASSES) != self.n_classes:
             self._reset(n_classes)
         row_sig = self._signatures(counts)
@@ -273,6 +275,7 @@ class Shrinkage:
         post = lik * row_prior
         post /= np.maximum(post.sum(axis=1, keepdims=True), 1e-300)
         curves = post @ self.credit
+        self.variance = np.maximum(post @ self.credit_squared - curves**2, 0.0)  # posterior variance of each credit
         if self.level:  # each prompt's mean single-draw accuracy as observed (unbiased), the prior's gains on top
             valid = counts.sum(axis=1)
             own = np.where(valid > 0, counts[:, 0] / np.maximum(valid, 1), curves[:, 0])

@@ -140,3 +140,27 @@ def test_pooled_psst_halves_prompts_and_keeps_their_scales_until_the_end():
     policy = trainer.policy()
     assert policy["free"][0] == policy["dear"][0] == "p7"
     assert policy["dear"][1] < policy["free"][1]
+
+
+def test_uncertainty_is_largest_on_queries_where_the_active_prompts_answers_are_split():
+    """Two prompts on six queries: unanimous gold on three, votes split between gold and one wrong
+    answer on the others. The summed posterior variance at each prompt's best N ranks the split ones
+    first; only active prompts count; plug-in curves have no posterior."""
+    def fill(est):
+        for p in range(2):
+            for x in range(6):
+                answers = np.zeros(8, dtype=int) if x < 3 else np.array([0, 1] * 4)
+                est.add_mv(p, [f"q{x}"], [answers], [0], np.zeros((1, 8)))
+    est = PooledEstimates(np.array([[1.0]]), np.array([0.0]), 2, 16, shrink="soft")
+    fill(est)
+    active = np.ones((1, 2, 16), dtype=bool)
+    spread = est.uncertainty(active)
+    order = [est.queries[f"q{x}"] for x in range(6)]
+    assert spread.shape == (6,) and (spread >= 0).all()
+    assert spread[order[3:]].min() > 2 * spread[order[:3]].max()
+    one = active.copy()
+    one[0, 1] = False
+    assert (est.uncertainty(one) < spread).all()  # the dropped prompt no longer counts
+    plugin = PooledEstimates(np.array([[1.0]]), np.array([0.0]), 2, 16, shrink=False)
+    fill(plugin)
+    assert plugin.uncertainty(active) is None

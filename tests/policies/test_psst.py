@@ -165,3 +165,62 @@ def test_small_budget_never_overspends_on_math(math_env: MVEnvironment):
         result = run_once(task, PSST, budget, seed=0)
         assert result["spent"] <= budget
         assert result["spent"] >= 0.9 * budget  # the schedule uses what it is given
+
+
+def split_and_settled(queries: int = 200, prompts: int = 4) -> MVEnvironment:
+    """Every prompt answers gold on the even queries; on the odd ones its votes split between gold
+    and one wrong answer, so only there is a pooled curve at large N in doubt."""
+    probs = np.zeros((prompts, queries, 3))
+    probs[:, 0::2] = [1.0, 0.0, 0.0]
+    probs[:, 1::2] = [0.5, 0.45, 0.05]
+    probs[:, 1::2, 0] += np.linspace(0.0, 0.04, prompts)[:, None]  # a small gap between the prompts
+    probs[:, 1::2, 1] -= np.linspace(0.0, 0.04, prompts)[:, None]
+    return MVEnvironment("split", probs, np.zeros(queries, dtype=int), np.full(prompts, 0.01), ("only",), (0.0,), 32)
+
+
+def drive_slots(trainer, env, keys, rng):
+    """Run to the end; per round the number of distinct slots planned, those of them seen before, and
+    the slots seen before."""
+    seen, rounds = set(), []
+    while batch := trainer.ask():
+        slots = {pull.query for pull in batch}
+        rounds.append((len(slots), slots & seen, set(seen)))
+        seen |= slots
+        trainer.tell([(p, n, Outcome(costs=np.full(n, 0.01), gold=0, query=keys[pull.query],
+                                     answers=env.sample(trainer.prompt_index[p], pull.query, n, rng)))
+                      for pull in batch for p, n in [pull]])
+    return rounds
+
+
+def test_psst_revisits_the_seen_share_of_each_rounds_slots_where_the_prompts_are_in_doubt():
+    env = split_and_settled()
+    keys = [f"q{x}" for x in range(env.n_queries)]
+    trainer = PSST(prompts=["a", "b", "c", "d"], n_max=32, contexts={"only": Context((1.0,), 0.0)}, budget=1600,
+                   seed=0, query_keys=keys)
+    rounds = drive_slots(trainer, env, keys, np.random.default_rng(0))
+    assert len(rounds) == 2 and rounds[0][1] == set()  # nothing is seen before the first round
+    for count, revisited, seen in rounds:  # the training set never runs out of fresh queries here
+        assert len(revisited) == int(count * len(seen) / env.n_queries)
+        split = {slot for slot in seen if slot % 2 == 1}
+        if len(revisited) <= len(split):  # where the votes split first, then the others
+            assert revisited <= split
+        else:
+            assert split <= revisited
+    assert len(rounds[1][1]) > 0
+
+
+def test_psst_without_query_keys_or_a_posterior_never_revisits_before_every_query_is_seen():
+    env = split_and_settled()
+    keys = list(range(env.n_queries))
+    for options in ({"n_queries": env.n_queries}, {"query_keys": keys, "shrink": False}):
+        trainer = PSST(prompts=["a", "b", "c", "d"], n_max=32, contexts={"only": Context((1.0,), 0.0)}, budget=1600,
+                       seed=0, **options)
+        rounds = drive_slots(trainer, env, keys, np.random.default_rng(0))
+        assert all(not revisited for _, revisited, _ in rounds)
+
+
+def test_query_keys_name_every_slot():
+    with pytest.raises(ValueError, match="query_keys"):
+        PSST(prompts=["a"], n_max=4, contexts=one_context(), budget=10, n_queries=3, query_keys=["x", "y"])
+    trainer = PSST(prompts=["a"], n_max=4, contexts=one_context(), budget=10, query_keys=["x", "y"])
+    assert trainer.n_queries == 2

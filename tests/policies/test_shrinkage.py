@@ -224,3 +224,19 @@ def test_pulling_one_prompt_on_a_query_moves_another_prompts_curve_there():
                np.zeros((1, 12)))  # 12 draws on query 0 against what prompt 0 saw there
     est.mean()
     assert np.abs(est.curves[0, row] - before).max() > 1e-3
+
+
+def test_the_posterior_variance_of_a_rows_credit_is_the_priors_without_data_and_shrinks_with_draws():
+    shrink = Shrinkage(1, 9, level=False)
+    counts = np.array([[3, 1, 0], [0, 0, 0], [40, 0, 0], [2, 2, 0]])  # row 1 has no valid answer
+    shrink.curves(np.zeros(4, dtype=int), counts, 3)
+    prior = shrink.prior[0]
+    spread = prior @ shrink.credit**2 - (prior @ shrink.credit) ** 2
+    assert shrink.variance.shape == (4, 9) and (shrink.variance >= 0).all()
+    assert shrink.variance[1] == pytest.approx(spread)  # no data: the posterior is the prior
+    assert shrink.variance[2].max() < 0.1 * shrink.variance[3].max()  # 40 agreeing draws leave little doubt
+    shrink.fixed_kappa, shrink.kappa = 1e12, np.full(1, 1e12)  # a point prior leaves none
+    shrink.prior[:] = np.eye(shrink.prior.shape[1])[17]
+    shrink.common[:] = shrink.prior[:1]
+    shrink.curves(np.zeros(4, dtype=int), counts, 3)
+    assert shrink.variance == pytest.approx(np.zeros((4, 9)), abs=1e-12)
