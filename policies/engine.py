@@ -97,7 +97,6 @@ class Engine:
                 raise ValueError(f"n_queries is {n_queries} but query_keys names {len(query_keys)} queries")
             n_queries = len(query_keys)
         self.n_queries = n_queries
-        self.query_keys = query_keys
         self._slot_of = {key: s for s, key in enumerate(query_keys or [])}
         self.spent = 0
         self.outstanding = 0
@@ -157,7 +156,7 @@ class Engine:
 
     def policy(self) -> dict[str, tuple[str, int]]:
         """Per context the active arm with the best estimate (unsampled arms rank last)."""
-        value = np.where(self.active, np.nan_to_num(self.estimates.mean(), nan=-np.inf), -np.inf)
+        value = self._active_values()
         value = np.where(self.active & np.isinf(value), -1e18, value)  # active but unsampled
         flat = value.reshape(len(self.context_names), -1).argmax(axis=1)
         p, n = np.unravel_index(flat, (len(self.prompts), self.n_max))
@@ -209,6 +208,10 @@ class Engine:
         self.finished = True
 
     # -- shared pieces ----------------------------------------------------------------------
+    def _active_values(self) -> np.ndarray:
+        """(C, P, n_max) estimated values of the active arms; −inf for inactive or unsampled ones."""
+        return np.where(self.active, np.nan_to_num(self.estimates.mean(), nan=-np.inf), -np.inf)
+
     def _pulls(self, plan: list[tuple[int, int, int]]) -> list[Pull]:
         """Expand (prompt, n, count) into pulls; with n_queries known, all prompts share query slots."""
         if not plan:
@@ -219,10 +222,11 @@ class Engine:
                 for p, n, count in plan for j in range(count)]
 
     def _slots(self, count: int) -> np.ndarray:
-        """`count` distinct query slots: first the revisits `_revisits` picks, as many as the share of
-        slots already seen (a fresh query adds less as the unseen share of the training set shrinks),
-        then unseen ones (more queries, less between-query noise), then the least recently planned."""
-        revisits = self._revisits(int(count * self._seen.mean()))
+        """`count` query slots, distinct while there are as many: first the revisits `_revisits` picks,
+        as many as the share of slots already seen (a fresh query adds less as the unseen share of the
+        training set shrinks), then slots not planned in this pass over the training set (more
+        queries, less between-query noise), then others at random."""
+        revisits = self._revisits(count * int(self._seen.sum()) // self.n_queries)
         taken = np.zeros(self.n_queries, dtype=bool)
         taken[revisits] = True
         fresh, rest = np.flatnonzero(self._fresh & ~taken), count - len(revisits)
@@ -230,7 +234,7 @@ class Engine:
             drawn = self.rng.choice(fresh, size=rest, replace=False)
         else:
             seen, more = np.flatnonzero(~self._fresh & ~taken), rest - len(fresh)
-            pool = seen if more <= len(seen) else np.flatnonzero(~taken)
+            pool = seen if more <= len(seen) else np.arange(self.n_queries)
             drawn = np.concatenate([fresh, self.rng.choice(pool, size=more, replace=more > len(pool))])
         slots = np.concatenate([revisits, drawn]).astype(int)
         self._fresh[slots] = False

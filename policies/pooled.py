@@ -93,7 +93,9 @@ class PooledEstimates:
         self.queries: dict[object, int] = {}  # query key → index (a pull without a key is a query of its own)
         self.row_query = np.zeros(0, dtype=int)
         self.curves = np.zeros((C, 0, n_max))  # quality per context, row, n
-        self.variance: np.ndarray | None = None  # shrunk MV: posterior variance of each row's vote credit (R, n_max)
+        # shrunk MV: posterior variance of each row's credit at n valid votes (before thinning and level)
+        self.variance = np.zeros((0, n_max))
+        self._posterior = False  # whether `variance` holds posteriors (shrunk MV curves computed)
         self.sums = np.zeros((C, n_prompts, n_max))  # Σ over a prompt's rows of curves, and of squares
         self.squares = np.zeros((C, n_prompts, n_max))
         self.row_count = np.zeros(n_prompts)
@@ -131,6 +133,7 @@ class PooledEstimates:
             self.row_prompt = np.concatenate([self.row_prompt, np.full(grow, prompt)])
             self.row_query = np.concatenate([self.row_query, np.array(new_queries, dtype=int)])
             self.curves = np.concatenate([self.curves, np.zeros((self.curves.shape[0], grow, self.n_max))], axis=1)
+            self.variance = np.concatenate([self.variance, np.zeros((grow, self.n_max))])
             self.counts = np.concatenate([self.counts, np.zeros((grow, self.counts.shape[1]), dtype=np.int64)])
             self.missing = np.concatenate([self.missing, np.zeros(grow, dtype=np.int64)])
             self.row_count[prompt] += grow
@@ -203,12 +206,8 @@ class PooledEstimates:
             classes = self.n_classes or counts.shape[1]
             quality = thin(self.shrinkage.curves(self.row_prompt[touched], counts, classes, others), counts,
                            self.missing[touched].astype(float))
-            if self.variance is None or len(self.variance) < len(self.row_prompt):
-                grown = np.zeros((len(self.row_prompt), self.n_max))
-                if self.variance is not None:
-                    grown[: len(self.variance)] = self.variance
-                self.variance = grown
             self.variance[touched] = self.shrinkage.variance
+            self._posterior = True
         else:
             quality = self._vote_curves(self.counts[touched], self.missing[touched])
         self._set_curves(touched, self.weights[:, :1, None] * quality[None])
@@ -273,16 +272,16 @@ class PooledEstimates:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(r > 0, self.sums / r, np.nan) - self._cost_curve()
 
-    def uncertainty(self, active: np.ndarray) -> np.ndarray | None:
-        """(Q,) per query (in `queries` order) how uncertain the active prompts' values on it are:
-        over contexts and the prompts active there, the sum of the posterior variance of the row's
-        vote credit at the prompt's best active N (times the context's gold weight squared). None
-        without a posterior (plug-in curves, best-of-N)."""
-        mean = self.mean()  # refreshes the curves and their variances
-        if self.variance is None:
+    def uncertainty(self, alive: np.ndarray, best: np.ndarray) -> np.ndarray | None:
+        """(Q,) per query (in `queries` order) how uncertain the active prompts' values on it are: over
+        contexts c and the prompts p alive there (`alive`, (C, P)), the sum of the posterior variance
+        of row (p, query)'s credit at N = best[c, p] + 1, times the context's gold weight squared. The
+        variance is of the credit at that many valid votes (before the thinning for missing answers
+        and the level shift), an approximation where answers go missing. None without a posterior
+        (plug-in curves, best-of-N)."""
+        self._refresh()
+        if not self._posterior:
             return None
-        alive = active.any(axis=2)  # (C, P)
-        best = np.where(active, np.nan_to_num(mean, nan=-np.inf), -np.inf).argmax(axis=2)  # (C, P)
         rp = self.row_prompt
         spread = self.variance[np.arange(len(rp))[None, :], best[:, rp]]  # (C, R)
         weight = self.weights[:, :1] ** 2 * alive[:, rp]  # (C, R)

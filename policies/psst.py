@@ -127,7 +127,8 @@ class PSST(Engine):
         keys and a posterior (shrunk vote curves); none in screening."""
         if not count or self.phase != "rounds" or not self._slot_of:
             return np.zeros(0, dtype=int)
-        uncertainty = self.estimates.uncertainty(self.active) if self.estimator == "pooled" else None
+        uncertainty = None if self.estimator != "pooled" else self.estimates.uncertainty(
+            self.active.any(axis=2), self._active_values().argmax(axis=2))
         if uncertainty is None:
             return np.zeros(0, dtype=int)
         keys = list(self.estimates.queries)  # in index order (a dict keeps insertion order)
@@ -142,7 +143,7 @@ class PSST(Engine):
         return np.where(self.active.any(axis=0), np.arange(1, self.n_max + 1), 0).max(axis=1)
 
     def _leaders(self, prompts: np.ndarray) -> np.ndarray:
-        value = np.where(self.active, np.nan_to_num(self.estimates.mean(), nan=-np.inf), -np.inf).max(axis=(0, 2))
+        value = self._active_values().max(axis=(0, 2))
         return prompts[np.argsort(-value[prompts], kind="stable")]
 
     def _end_round(self) -> None:
@@ -161,7 +162,7 @@ class PSST(Engine):
             super()._halve()
             return
         # per context keep the better half of its prompts (by their best arm), all their N with them
-        value = np.where(self.active, np.nan_to_num(self.estimates.mean(), nan=-np.inf), -np.inf).max(axis=2)
+        value = self._active_values().max(axis=2)
         alive = self.active.any(axis=2)
         value = np.where(alive & np.isinf(value), -1e18, value)  # alive but unsampled ranks above dropped
         keep = np.maximum(1, np.ceil(alive.sum(axis=1) / 2)).astype(int)

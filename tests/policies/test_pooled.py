@@ -153,14 +153,13 @@ def test_uncertainty_is_largest_on_queries_where_the_active_prompts_answers_are_
                 est.add_mv(p, [f"q{x}"], [answers], [0], np.zeros((1, 8)))
     est = PooledEstimates(np.array([[1.0]]), np.array([0.0]), 2, 16, shrink="soft")
     fill(est)
-    active = np.ones((1, 2, 16), dtype=bool)
-    spread = est.uncertainty(active)
+    alive, best = np.ones((1, 2), dtype=bool), np.full((1, 2), 15)  # both prompts at N = 16
+    spread = est.uncertainty(alive, best)
     order = [est.queries[f"q{x}"] for x in range(6)]
     assert spread.shape == (6,) and (spread >= 0).all()
     assert spread[order[3:]].min() > 2 * spread[order[:3]].max()
-    one = active.copy()
-    one[0, 1] = False
-    assert (est.uncertainty(one) < spread).all()  # the dropped prompt no longer counts
+    assert (est.uncertainty(np.array([[True, False]]), best) < spread).all()  # a dropped prompt no longer counts
+    assert not np.allclose(est.uncertainty(alive, np.zeros((1, 2), dtype=int)), spread)  # read at each prompt's N
     plugin = PooledEstimates(np.array([[1.0]]), np.array([0.0]), 2, 16, shrink=False)
     fill(plugin)
-    assert plugin.uncertainty(active) is None
+    assert plugin.uncertainty(alive, best) is None

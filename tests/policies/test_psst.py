@@ -192,15 +192,22 @@ def drive_slots(trainer, env, keys, rng):
     return rounds
 
 
-def test_psst_revisits_the_seen_share_of_each_rounds_slots_where_the_prompts_are_in_doubt():
+@pytest.mark.parametrize("served", [False, True])
+def test_psst_revisits_the_seen_share_of_each_rounds_slots_where_the_prompts_are_in_doubt(served):
+    """`served`: traffic on every query is offered first; a query the run never planned is still not
+    one to revisit."""
     env = split_and_settled()
     keys = [f"q{x}" for x in range(env.n_queries)]
     trainer = PSST(prompts=["a", "b", "c", "d"], n_max=32, contexts={"only": Context((1.0,), 0.0)}, budget=1600,
                    seed=0, query_keys=keys)
-    rounds = drive_slots(trainer, env, keys, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    if served:
+        trainer.offer([("a", 4, Outcome(costs=np.full(4, 0.01), gold=0, query=keys[x], answers=env.sample(0, x, 4, rng)))
+                       for x in range(env.n_queries)])
+    rounds = drive_slots(trainer, env, keys, rng)
     assert len(rounds) == 2 and rounds[0][1] == set()  # nothing is seen before the first round
     for count, revisited, seen in rounds:  # the training set never runs out of fresh queries here
-        assert len(revisited) == int(count * len(seen) / env.n_queries)
+        assert len(revisited) == count * len(seen) // env.n_queries
         split = {slot for slot in seen if slot % 2 == 1}
         if len(revisited) <= len(split):  # where the votes split first, then the others
             assert revisited <= split
@@ -209,14 +216,53 @@ def test_psst_revisits_the_seen_share_of_each_rounds_slots_where_the_prompts_are
     assert len(rounds[1][1]) > 0
 
 
-def test_psst_without_query_keys_or_a_posterior_never_revisits_before_every_query_is_seen():
+def test_psst_with_more_pulls_per_prompt_than_queries_spreads_them_over_every_query():
+    """Once every query is seen, a round may revisit all of them and still need more slots: the rest
+    go to any query at random, never piled on the few left over, and the run ends within budget."""
+    env = split_and_settled(queries=30)
+    keys = [f"q{x}" for x in range(env.n_queries)]
+    trainer = PSST(prompts=["a", "b", "c", "d"], n_max=8, contexts={"only": Context((1.0,), 0.0)}, budget=5000,
+                   seed=0, query_keys=keys)
+    rng = np.random.default_rng(0)
+    batches = []
+    while batch := trainer.ask():
+        batches.append(batch)
+        trainer.tell([(p, n, Outcome(costs=np.full(n, 0.01), gold=0, query=keys[pull.query],
+                                     answers=env.sample(trainer.prompt_index[p], pull.query, n, rng)))
+                      for pull in batch for p, n in [pull]])
+    assert trainer.finished and sum(n for b in batches for _, n in b) == trainer.spent <= 5000
+    last = [pull.query for pull in batches[-1] if pull[0] == batches[-1][0][0]]
+    assert len(last) > 2 * env.n_queries  # more pulls of one prompt than queries
+    per_query = np.bincount(last, minlength=env.n_queries)
+    assert per_query.min() >= 1 and per_query.max() <= 2 * len(last) / env.n_queries
+
+
+@pytest.mark.parametrize("options", [{"shrink": False}, {"aggregator": "bon"}])
+def test_psst_without_a_posterior_plans_the_same_slots_with_query_keys_as_without(options):
     env = split_and_settled()
     keys = list(range(env.n_queries))
-    for options in ({"n_queries": env.n_queries}, {"query_keys": keys, "shrink": False}):
-        trainer = PSST(prompts=["a", "b", "c", "d"], n_max=32, contexts={"only": Context((1.0,), 0.0)}, budget=1600,
-                       seed=0, **options)
-        rounds = drive_slots(trainer, env, keys, np.random.default_rng(0))
-        assert all(not revisited for _, revisited, _ in rounds)
+
+    def slots(**naming):
+        trainer = PSST(prompts=["a", "b", "c", "d"], n_max=16, contexts={"only": Context((1.0,), 0.0)}, budget=1600,
+                       seed=0, **naming, **options)
+        rng, planned = np.random.default_rng(0), []
+        while batch := trainer.ask():
+            planned.append([(pull[0], pull[1], pull.query) for pull in batch])
+            trainer.tell([(p, n, Outcome(costs=np.full(n, 0.01), gold=0, query=pull.query,
+                                         answers=env.sample(trainer.prompt_index[p], pull.query, n, rng),
+                                         scores=rng.random((n, 1))))
+                          for pull in batch for p, n in [pull]])
+        return planned
+
+    assert slots(query_keys=keys) == slots(n_queries=env.n_queries)
+
+
+def test_psst_without_query_keys_never_revisits_before_every_query_is_seen():
+    env = split_and_settled()
+    trainer = PSST(prompts=["a", "b", "c", "d"], n_max=32, contexts={"only": Context((1.0,), 0.0)}, budget=1600,
+                   seed=0, n_queries=env.n_queries)
+    rounds = drive_slots(trainer, env, list(range(env.n_queries)), np.random.default_rng(0))
+    assert all(not revisited for _, revisited, _ in rounds)
 
 
 def test_query_keys_name_every_slot():
