@@ -91,24 +91,28 @@ def summary(cells: dict[str, dict[int, dict]], budgets: list[int]) -> dict[int, 
     return out
 
 
-class Unpaired:
-    """Factory that hides the training set's query slots, so pulls use independently sampled queries."""
+class SlotsHidden:
+    """Factory that tells the engine less about the training set's query slots: `keep="count"` gives
+    only their number (`n_queries`: paired slots, but no query keys, so no revisits on purpose);
+    `keep="none"` nothing (pulls use independently sampled queries)."""
 
-    def __init__(self, cls, **options) -> None:
-        self.cls, self.options = cls, options
+    def __init__(self, cls, keep: str, **options) -> None:
+        self.cls, self.keep, self.options = cls, keep, options
 
-    def __call__(self, **kwargs):
-        kwargs.pop("n_queries", None)
-        kwargs.pop("query_keys", None)
+    def __call__(self, query_keys=None, **kwargs):
+        if self.keep == "count" and query_keys is not None:
+            kwargs["n_queries"] = len(query_keys)
         return self.cls(**kwargs, **self.options)
 
 
 ALGORITHMS = {
-    # the default: pooled curves shrunk by a soft prior tilted per query, pulls of 4 (more once queries run out)
+    # the default: pooled curves shrunk by a soft prior tilted per query, pulls of 4 (more once queries
+    # run out), revisits of the seen queries the active prompts are least certain on
     "PSST": PSST,
-    "PSST-paper (blocks; unpaired)": Unpaired(PSST, estimator="block"),
+    "PSST-paper (blocks; unpaired)": SlotsHidden(PSST, keep="none", estimator="block"),
 }
-ABLATIONS = {"PSST, untilted prior (before)": functools.partial(PSST, query_tilt=False)}  # at ABLATION_BUDGET
+BEFORE = "PSST without revisits (before)"
+ABLATIONS = {BEFORE: SlotsHidden(PSST, keep="count")}  # at ABLATION_BUDGET
 ABLATION_BUDGET = 5000
 PAPER = "PSST-paper (blocks; unpaired)"
 
@@ -130,14 +134,18 @@ def run_family(members: list[str], budgets: list[int], splits: int, workers: int
     for m, a, b, s, r in out:
         regret.setdefault((m, a, b), np.full(splits, np.nan))[s] = r
     se = lambda x: float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
-    cells = {m: {a: {b: {"regret": float(v.mean()), "regret_se": se(v)} for (mm, aa, b), v in regret.items()
-                     if (mm, aa) == (m, a)} for a in {**ALGORITHMS, **ABLATIONS}} for m in members}
+    cells = {m: {a: {b: {"regret": float(v.mean()), "regret_se": se(v), "per_split": [round(float(x), 6) for x in v]}
+                     for (mm, aa, b), v in regret.items() if (mm, aa) == (m, a)}
+                 for a in {**ALGORITHMS, **ABLATIONS}} for m in members}
     for m in members:
         for a in {**ALGORITHMS, **ABLATIONS}:
             for b, cell in cells[m][a].items():
-                if a != PAPER:
+                if a != PAPER and (m, PAPER, b) in regret:  # the ablation's budget may not be one of `budgets`
                     gap = regret[(m, a, b)] - regret[(m, PAPER, b)]  # > 0: worse than the paper's form
                     cell.update(vs_paper=float(gap.mean()), vs_paper_se=se(gap))
+                if a == "PSST" and b == ABLATION_BUDGET:
+                    gap = regret[(m, a, b)] - regret[(m, BEFORE, b)]  # > 0: worse than before
+                    cell.update(vs_before=float(gap.mean()), vs_before_se=se(gap))
     return {"splits": splits, "budgets": budgets, "wall_s": round(time.time() - start, 1),
             "kinds": {m: MEMBERS[m][0] for m in members}, "cells": cells,
             "summary": summary({m: cells[m]["PSST"] for m in members}, budgets)}
@@ -148,15 +156,16 @@ def family_markdown(report: dict) -> str:
     budgets, cells = report["budgets"], report["cells"]
     ablation = next(iter(ABLATIONS))
     head = ["member", "kind"] + [f"PSST T={b // 1000}K" for b in budgets] + [f"paper T={b // 1000}K" for b in budgets]
-    head += ["PSST − paper, 5K", "untilted prior (before), 5K"]
+    head += ["PSST − paper, 5K", "without revisits (before), 5K", "PSST − before, 5K"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda c: f"{c['regret']:.4f} ± {c['regret_se']:.4f}" if c else ""
     for m, by in cells.items():
         gap = by["PSST"].get(5000, {})
         row = [m, report["kinds"][m]] + [fmt(by["PSST"].get(b)) for b in budgets]
         row += [fmt(by[PAPER].get(b)) for b in budgets]
-        row += [f"{gap['vs_paper']:+.4f} ± {gap['vs_paper_se']:.4f}" if gap else "",
-                fmt(by[ablation].get(ABLATION_BUDGET))]
+        row += [f"{gap['vs_paper']:+.4f} ± {gap['vs_paper_se']:.4f}" if "vs_paper" in gap else "",
+                fmt(by[ablation].get(ABLATION_BUDGET)),
+                f"{gap['vs_before']:+.4f} ± {gap['vs_before_se']:.4f}" if "vs_before" in gap else ""]
         lines.append("| " + " | ".join(row) + " |")
     s = report["summary"]
     pad = lambda row: row + [""] * (len(head) - len(row))

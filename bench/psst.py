@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from bench.family import MEMBERS, Unpaired, family_markdown, run_family  # noqa: E402
+from bench.family import MEMBERS, SlotsHidden, family_markdown, run_family  # noqa: E402
 from bench.simulate import Task, bon_task, mv_task, run_once  # noqa: E402
 from policies.baselines import UCB, PromptThenN, SequentialHalving, Uniform  # noqa: E402
 from policies.environments import MVEnvironment, synthetic_bon, synthetic_mv  # noqa: E402
@@ -38,10 +38,11 @@ RESULTS = ROOT / "bench" / "results"
 
 
 ALGORITHMS = {
-    "PSST": PSST,  # ours, default: pooled estimates with soft-shrunk MV curves, pulls of 4
+    "PSST": PSST,  # ours, default: pooled estimates with soft-shrunk MV curves, pulls of 4, revisits
+    "PSST without revisits": SlotsHidden(PSST, keep="count"),  # the default before the revisits (plan version 2)
     "PSST (plug-in curves, pulls of 8)": functools.partial(PSST, shrink=False),  # the default before issue 11
     "PSST (subset; largest N)": functools.partial(PSST, estimator="subset"),
-    "PSST-paper (blocks; unpaired)": Unpaired(PSST, estimator="block"),
+    "PSST-paper (blocks; unpaired)": SlotsHidden(PSST, keep="none", estimator="block"),
     "PSST+Top-1": functools.partial(PSST, screening=TopK(1)),
     "PSST+Top-4": functools.partial(PSST, screening=TopK(4)),
     "PSST+Top-8": functools.partial(PSST, screening=TopK(8)),
