@@ -97,12 +97,14 @@ class SlotsHidden:
     `keep="none"` nothing (pulls use independently sampled queries)."""
 
     def __init__(self, cls, keep: str, **options) -> None:
+        if keep not in ("count", "none"):
+            raise ValueError(f"keep must be 'count' or 'none', got {keep!r}")
         self.cls, self.keep, self.options = cls, keep, options
 
-    def __call__(self, query_keys=None, **kwargs):
+    def __call__(self, query_keys=None, n_queries=None, **kwargs):
         if self.keep == "count" and query_keys is not None:
-            kwargs["n_queries"] = len(query_keys)
-        return self.cls(**kwargs, **self.options)
+            n_queries = len(query_keys)
+        return self.cls(**kwargs, **self.options, **({"n_queries": n_queries} if self.keep == "count" else {}))
 
 
 ALGORITHMS = {
@@ -152,7 +154,8 @@ def run_family(members: list[str], budgets: list[int], splits: int, workers: int
 
 
 def family_markdown(report: dict) -> str:
-    """The family table: PSST's regret per member and budget, the paper's form, paired gap at 5K."""
+    """The family table: PSST's regret per member and budget, the paper's form, and at 5K the paired
+    gap to it, the engine without revisits and the paired gap to that."""
     budgets, cells = report["budgets"], report["cells"]
     ablation = next(iter(ABLATIONS))
     head = ["member", "kind"] + [f"PSST T={b // 1000}K" for b in budgets] + [f"paper T={b // 1000}K" for b in budgets]

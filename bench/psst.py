@@ -52,7 +52,7 @@ ALGORITHMS = {
     "Prompt at N=1 then N": PromptThenN,
 }
 
-# ablations of the default (pulls of 4, halving prompts), at T = 5K and 10K only
+# ablations of the default (pulls of 4, halving prompts, revisits), at T = 5K and 10K only
 SWEEP = {f"PSST, pulls of {m}": functools.partial(PSST, pull_size=m) for m in (6, 8, 12, 16)}
 SWEEP["PSST, halving arms (⌈log2 |A|⌉ rounds)"] = functools.partial(PSST, halve_prompts=False)
 SWEEP_BUDGETS = (5000, 10000)
