@@ -131,7 +131,7 @@ def main() -> None:
     table = markdown(rows, envs, algos, budgets) + paired_markdown(report["paired"], envs, budgets)
     if not args.no_sweep:
         table += ("\n\n**Ablations** of the default (soft-shrunk curves with the query tilt, pulls of 4, halving "
-                  "prompts):\n") + markdown(rows, envs, ["PSST"] + list(SWEEP), list(SWEEP_BUDGETS), oracle_row=False)
+                  "prompts, revisits):\n") + markdown(rows, envs, ["PSST"] + list(SWEEP), list(SWEEP_BUDGETS), oracle_row=False)
     print(table)
     print(f"bookkeeping of one PSST run at T=20K on MATH: {report['psst_bookkeeping_s_T20K_math']}")
     if Path(args.out) == RESULTS / "psst.json":
