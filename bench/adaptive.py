@@ -42,7 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.simulate import mv_task, run_once  # noqa: E402
+from bench.simulate import mv_task, run_once, sem  # noqa: E402
 from policies.environments import MVEnvironment, synthetic_bon, synthetic_mv  # noqa: E402
 from policies.psst import PSST  # noqa: E402
 from policies.stopping import (DEFAULT_TOLERANCE, StoppingRule, Waves, best_sequential,  # noqa: E402
@@ -145,7 +145,7 @@ def trained_report(budgets: list[int], splits: int, workers: int) -> None:
             gain = seq - fixed
             summary[f"{b}/{tier}"] = {
                 "fixed_utility": float(fixed.mean()), "sequential_allowed_utility": float(seq.mean()),
-                "paired_gain": float(gain.mean()), "paired_gain_se": float(gain.std(ddof=1) / np.sqrt(len(gain))),
+                "paired_gain": float(gain.mean()), "paired_gain_se": sem(gain),
                 "fixed_completions": float(comp_f.mean()), "sequential_allowed_completions": float(comp_s.mean()),
                 "sequential_allowed_waves": float(waves.mean()),
                 "splits_choosing_sequential": int(sum(r["tiers"][tier]["with_sequential"].get("rule") is not None

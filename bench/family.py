@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.simulate import Task, run_once
+from bench.simulate import Task, run_once, sem
 from policies.arms import Context
 from policies.environments import MVEnvironment, synthetic_mv
 from policies.families import FamilySpec, heldout_like, resample_mv, synthetic_family_mv
@@ -135,19 +135,17 @@ def run_family(members: list[str], budgets: list[int], splits: int, workers: int
     regret: dict[tuple[str, str, int], np.ndarray] = {}
     for m, a, b, s, r in out:
         regret.setdefault((m, a, b), np.full(splits, np.nan))[s] = r
-    se = lambda x: float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
-    cells = {m: {a: {b: {"regret": float(v.mean()), "regret_se": se(v), "per_split": [round(float(x), 6) for x in v]}
+    cells = {m: {a: {b: {"regret": float(v.mean()), "regret_se": sem(v), "per_split": [round(float(x), 6) for x in v]}
                      for (mm, aa, b), v in regret.items() if (mm, aa) == (m, a)}
                  for a in {**ALGORITHMS, **ABLATIONS}} for m in members}
     for m in members:
         for a in {**ALGORITHMS, **ABLATIONS}:
             for b, cell in cells[m][a].items():
+                gap = lambda other: regret[(m, a, b)] - regret[(m, other, b)]  # paired; > 0: worse than other
                 if a != PAPER and (m, PAPER, b) in regret:  # the ablation's budget may not be one of `budgets`
-                    gap = regret[(m, a, b)] - regret[(m, PAPER, b)]  # > 0: worse than the paper's form
-                    cell.update(vs_paper=float(gap.mean()), vs_paper_se=se(gap))
+                    cell.update(vs_paper=float(gap(PAPER).mean()), vs_paper_se=sem(gap(PAPER)))
                 if a == "PSST" and b == ABLATION_BUDGET:
-                    gap = regret[(m, a, b)] - regret[(m, BEFORE, b)]  # > 0: worse than before
-                    cell.update(vs_before=float(gap.mean()), vs_before_se=se(gap))
+                    cell.update(vs_before=float(gap(BEFORE).mean()), vs_before_se=sem(gap(BEFORE)))
     return {"splits": splits, "budgets": budgets, "wall_s": round(time.time() - start, 1),
             "kinds": {m: MEMBERS[m][0] for m in members}, "cells": cells,
             "summary": summary({m: cells[m]["PSST"] for m in members}, budgets)}
@@ -157,7 +155,6 @@ def family_markdown(report: dict) -> str:
     """The family table: PSST's regret per member and budget, the paper's form, and at 5K the paired
     gap to it, the engine without revisits and the paired gap to that."""
     budgets, cells = report["budgets"], report["cells"]
-    ablation = next(iter(ABLATIONS))
     head = ["member", "kind"] + [f"PSST T={b // 1000}K" for b in budgets] + [f"paper T={b // 1000}K" for b in budgets]
     head += ["PSST − paper, 5K", "without revisits (before), 5K", "PSST − before, 5K"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -167,7 +164,7 @@ def family_markdown(report: dict) -> str:
         row = [m, report["kinds"][m]] + [fmt(by["PSST"].get(b)) for b in budgets]
         row += [fmt(by[PAPER].get(b)) for b in budgets]
         row += [f"{gap['vs_paper']:+.4f} ± {gap['vs_paper_se']:.4f}" if "vs_paper" in gap else "",
-                fmt(by[ablation].get(ABLATION_BUDGET)),
+                fmt(by[BEFORE].get(ABLATION_BUDGET)),
                 f"{gap['vs_before']:+.4f} ± {gap['vs_before_se']:.4f}" if "vs_before" in gap else ""]
         lines.append("| " + " | ".join(row) + " |")
     s = report["summary"]

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from bench.family import MEMBERS, load_member  # noqa: E402
-from bench.simulate import run_once  # noqa: E402
+from bench.simulate import run_once, sem  # noqa: E402
 from policies.psst import PSST  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "psst_floor.json"
@@ -68,9 +68,7 @@ class ExactCurves:
         curves = self.per_query[:, inner.row_prompt, query_of[inner.row_query], :]  # (C, R, n_max)
         sums = np.zeros((curves.shape[0], inner.n_prompts, curves.shape[2]))
         np.add.at(sums, (slice(None), inner.row_prompt), curves)
-        rows = inner.row_count[None, :, None]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(rows > 0, sums / rows, np.nan) - inner._cost_curve()
+        return inner.mean_of(sums)
 
 
 class ExactFrom(PSST):
@@ -101,10 +99,9 @@ def run(members: list[str], budget: int, splits: int, workers: int) -> dict:
     regret = {(m, v): np.full(splits, np.nan) for m in members for v in VARIANTS}
     for m, v, s, r in out:
         regret[(m, v)][s] = r
-    se = lambda x: float(x.std(ddof=1) / np.sqrt(len(x)))
-    cells = {m: {v: {"regret": float(regret[(m, v)].mean()), "regret_se": se(regret[(m, v)]),
+    cells = {m: {v: {"regret": float(regret[(m, v)].mean()), "regret_se": sem(regret[(m, v)]),
                      "vs_default": float((regret[(m, v)] - regret[(m, "default")]).mean()),
-                     "vs_default_se": se(regret[(m, v)] - regret[(m, "default")])} for v in VARIANTS}
+                     "vs_default_se": sem(regret[(m, v)] - regret[(m, "default")])} for v in VARIANTS}
              for m in members}
     return {"budget": budget, "splits": splits, "wall_s": round(time.time() - start, 1), "cells": cells}
 

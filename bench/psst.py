@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from bench.family import MEMBERS, SlotsHidden, family_markdown, run_family  # noqa: E402
-from bench.simulate import Task, bon_task, mv_task, run_once  # noqa: E402
+from bench.simulate import Task, bon_task, mv_task, run_once, sem  # noqa: E402
 from policies.baselines import UCB, PromptThenN, SequentialHalving, Uniform  # noqa: E402
 from policies.environments import MVEnvironment, synthetic_bon, synthetic_mv  # noqa: E402
 from policies.psst import PSST, TopK  # noqa: E402
@@ -118,7 +118,7 @@ def main() -> None:
         regret = np.array([r["regret"] for r in results])
         rows.append({
             "env": env, "algorithm": algo, "budget": budget, "runs": len(results),
-            "regret": float(regret.mean()), "regret_se": float(regret.std(ddof=1) / np.sqrt(len(regret))),
+            "regret": float(regret.mean()), "regret_se": sem(regret),
             "acr": float(np.mean([r["acr"] for r in results])), "oracle_acr": float(np.mean([r["oracle"] for r in results])),
             "max_spent": int(max(r["spent"] for r in results)),
         })
@@ -177,7 +177,7 @@ def paired(outcomes, envs, budgets) -> list[dict]:
                     a, b = seeds[(env, ours, budget)], seeds[(env, base, budget)]
                     common = sorted(set(a) & set(b))
                     gap = np.array([b[s] - a[s] for s in common])
-                    se = float(gap.std(ddof=1) / np.sqrt(len(gap)))
+                    se = sem(gap)
                     out.append({"env": env, "budget": budget, "ours": ours, "baseline": base,
                                 "gap": float(gap.mean()), "se": se, "z": float(gap.mean() / se) if se > 0 else float("inf")})
     return out

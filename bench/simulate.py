@@ -73,6 +73,12 @@ class Simulator:
         return results
 
 
+def sem(values) -> float:
+    """Standard error of the mean of per-split values (NaN below two)."""
+    x = np.asarray(values, dtype=float)
+    return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
 def run_once(task: Task, make, budget: int, seed: int, train_fraction: float = 0.8, keep: bool = False) -> dict:
     """One run of the paper's protocol: split, train on train only, judge exactly on test (`keep`: the
     result also holds the trained engine, its policy and the test queries)."""

@@ -268,9 +268,14 @@ class PooledEstimates:
     def mean(self) -> np.ndarray:
         """(C, P, n_max) estimated values; NaN for prompts never pulled."""
         self._refresh()
+        return self.mean_of(self.sums)
+
+    def mean_of(self, sums: np.ndarray) -> np.ndarray:
+        """(C, P, n_max) values from per-prompt sums of row curves: their mean over each prompt's rows
+        less the cost curve; NaN for prompts never pulled."""
         r = self.row_count[None, :, None]
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(r > 0, self.sums / r, np.nan) - self._cost_curve()
+            return np.where(r > 0, sums / r, np.nan) - self._cost_curve()
 
     def uncertainty(self, alive: np.ndarray, best: np.ndarray) -> np.ndarray | None:
         """(Q,) per query (in `queries` order) how uncertain the active prompts' values on it are: over

@@ -125,12 +125,12 @@ class PSST(Engine):
         """The seen slots whose queries the active prompts are least certain on (`uncertainty`), most
         uncertain first: there another pull narrows the compared values most. Needs the slots' query
         keys and a posterior (shrunk vote curves); none in screening."""
-        if not count or self.phase != "rounds" or not self._slot_of:
-            return np.zeros(0, dtype=int)
-        uncertainty = None if self.estimator != "pooled" else self.estimates.uncertainty(
-            self.active.any(axis=2), self._active_values().argmax(axis=2))
+        none = np.zeros(0, dtype=int)
+        if not count or self.phase != "rounds" or not self._slot_of or self.estimator != "pooled":
+            return none
+        uncertainty = self.estimates.uncertainty(self.active.any(axis=2), self._active_values().argmax(axis=2))
         if uncertainty is None:
-            return np.zeros(0, dtype=int)
+            return none
         keys = list(self.estimates.queries)  # in index order (a dict keeps insertion order)
         slot = np.array([self._slot_of.get(key, -1) for key in keys], dtype=int)
         ok = (slot >= 0) & (uncertainty > 0)

@@ -178,17 +178,27 @@ def split_and_settled(queries: int = 200, prompts: int = 4) -> MVEnvironment:
     return MVEnvironment("split", probs, np.zeros(queries, dtype=int), np.full(prompts, 0.01), ("only",), (0.0,), 32)
 
 
+def drive_env(trainer, env, keys, rng, scores: bool = False) -> list:
+    """Run to the end, each pull answered from `env` on its slot's query (named keys[slot]); with
+    `scores`, best-of-N scores too. Returns the batches."""
+    batches = []
+    while batch := trainer.ask():
+        batches.append(batch)
+        trainer.tell([(p, n, Outcome(costs=np.full(n, 0.01), gold=0, query=keys[pull.query],
+                                     answers=env.sample(trainer.prompt_index[p], pull.query, n, rng),
+                                     scores=rng.random((n, 1)) if scores else None))
+                      for pull in batch for p, n in [pull]])
+    return batches
+
+
 def drive_slots(trainer, env, keys, rng):
     """Run to the end; per round the number of distinct slots planned, those of them seen before, and
     the slots seen before."""
     seen, rounds = set(), []
-    while batch := trainer.ask():
+    for batch in drive_env(trainer, env, keys, rng):
         slots = {pull.query for pull in batch}
         rounds.append((len(slots), slots & seen, set(seen)))
         seen |= slots
-        trainer.tell([(p, n, Outcome(costs=np.full(n, 0.01), gold=0, query=keys[pull.query],
-                                     answers=env.sample(trainer.prompt_index[p], pull.query, n, rng)))
-                      for pull in batch for p, n in [pull]])
     return rounds
 
 
@@ -223,13 +233,7 @@ def test_psst_with_more_pulls_per_prompt_than_queries_spreads_them_over_every_qu
     keys = [f"q{x}" for x in range(env.n_queries)]
     trainer = PSST(prompts=["a", "b", "c", "d"], n_max=8, contexts={"only": Context((1.0,), 0.0)}, budget=5000,
                    seed=0, query_keys=keys)
-    rng = np.random.default_rng(0)
-    batches = []
-    while batch := trainer.ask():
-        batches.append(batch)
-        trainer.tell([(p, n, Outcome(costs=np.full(n, 0.01), gold=0, query=keys[pull.query],
-                                     answers=env.sample(trainer.prompt_index[p], pull.query, n, rng)))
-                      for pull in batch for p, n in [pull]])
+    batches = drive_env(trainer, env, keys, np.random.default_rng(0))
     assert trainer.finished and sum(n for b in batches for _, n in b) == trainer.spent <= 5000
     last = [pull.query for pull in batches[-1] if pull[0] == batches[-1][0][0]]
     assert len(last) > 2 * env.n_queries  # more pulls of one prompt than queries
@@ -245,14 +249,8 @@ def test_psst_without_a_posterior_plans_the_same_slots_with_query_keys_as_withou
     def slots(**naming):
         trainer = PSST(prompts=["a", "b", "c", "d"], n_max=16, contexts={"only": Context((1.0,), 0.0)}, budget=1600,
                        seed=0, **naming, **options)
-        rng, planned = np.random.default_rng(0), []
-        while batch := trainer.ask():
-            planned.append([(pull[0], pull[1], pull.query) for pull in batch])
-            trainer.tell([(p, n, Outcome(costs=np.full(n, 0.01), gold=0, query=pull.query,
-                                         answers=env.sample(trainer.prompt_index[p], pull.query, n, rng),
-                                         scores=rng.random((n, 1))))
-                          for pull in batch for p, n in [pull]])
-        return planned
+        batches = drive_env(trainer, env, keys, np.random.default_rng(0), scores=True)
+        return [[(pull[0], pull[1], pull.query) for pull in batch] for batch in batches]
 
     assert slots(query_keys=keys) == slots(n_queries=env.n_queries)
 
